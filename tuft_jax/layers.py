@@ -1,0 +1,110 @@
+"""Building blocks shared by the model families: norms, RoPE, attention and multi-slot LoRA.
+
+LoRA weights carry a leading slot axis so one compiled graph serves any mix of adapters: each
+example names its slot, and the per-example scale (alpha / rank, or 0 for an untrained target)
+comes in with the batch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LORA_GROUPS = ("attn", "mlp", "unembed")
+
+
+class AdapterBatch(NamedTuple):
+    """Which adapter slot each example uses and its LoRA scale per target group ([B, 3])."""
+
+    slots: jax.Array
+    scales: jax.Array
+
+    def scale(self, group: str) -> jax.Array:
+        return self.scales[:, LORA_GROUPS.index(group)]
+
+
+class KVCache(NamedTuple):
+    """One layer's keys and values, [B, S, kv_heads, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype) -> None:
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class LoraDelta(nnx.Module):
+    """The low-rank update x @ A[slot] @ B[slot] * scale for every slot at once (fp32 weights)."""
+
+    def __init__(self, in_features: int, out_features: int, *, slots: int, rank: int, group: str) -> None:
+        self.lora_a = nnx.LoRAParam(jnp.zeros((slots, in_features, rank), jnp.float32))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((slots, rank, out_features), jnp.float32))
+        self.group = group
+
+    def __call__(self, x: jax.Array, adapters: AdapterBatch) -> jax.Array:
+        a = self.lora_a[...][adapters.slots].astype(x.dtype)
+        b = self.lora_b[...][adapters.slots].astype(x.dtype)
+        low = jnp.einsum("bti,bir->btr", x, a)
+        scale = adapters.scale(self.group).astype(x.dtype)[:, None, None]
+        return jnp.einsum("btr,bro->bto", low * scale, b)
+
+
+class LoraLinear(nnx.Module):
+    """A frozen base projection (kernel stored [in, out]) plus a multi-slot LoRA delta."""
+
+    def __init__(
+        self, in_features: int, out_features: int, *, slots: int, rank: int, group: str, dtype: jnp.dtype
+    ) -> None:
+        self.weight = nnx.Param(jnp.zeros((in_features, out_features), dtype))
+        self.lora = LoraDelta(in_features, out_features, slots=slots, rank=rank, group=group)
+
+    def __call__(self, x: jax.Array, adapters: AdapterBatch) -> jax.Array:
+        return x @ self.weight[...] + self.lora(x, adapters)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """HF-style rotate-half RoPE; x is [B, T, heads, head_dim], positions [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+    """Grouped-query causal attention: a query sees the keys whose position is <= its own.
+
+    q is [B, T, H, D]; k, v are [B, S, K, D] with H a multiple of K. Padding after a sequence
+    is never attended by its real tokens, and a KV cache is written in position order.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
+    allowed = k_positions[:, None, :] <= q_positions[:, :, None]
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def write_cache(cache: KVCache, k: jax.Array, v: jax.Array, start: jax.Array) -> KVCache:
+    """Writes T new keys/values per row at that row's start position."""
+
+    def row(buf: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (at, 0, 0))
+
+    return KVCache(jax.vmap(row)(cache.k, k, start), jax.vmap(row)(cache.v, v, start))

@@ -1,0 +1,184 @@
+"""The pre-norm decoder-only transformer that Qwen3 and Llama 3 share, with multi-slot LoRA.
+
+Module and attribute names follow the Hugging Face layout (`model.layers.N.self_attn.q_proj`),
+so a parameter's path is its safetensors key; projection kernels are stored [in, out].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tuft_jax.layers import AdapterBatch, KVCache, LoraDelta, LoraLinear, RMSNorm, apply_rope, attend, write_cache
+
+
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """HF `rope_type: llama3`: long wavelengths are slowed by `factor`, with a smooth band between."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    qk_norm: bool
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...] = ()
+    rope_scaling: Llama3RopeScaling | None = None
+
+
+@dataclass(frozen=True)
+class LoraShape:
+    """How many adapter slots each LoRA tensor holds and the largest rank a slot can take."""
+
+    slots: int
+    max_rank: int
+
+
+def rope_frequencies(config: DecoderConfig) -> jax.Array:
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= old_len / scaling.high_freq_factor) & (wavelen <= old_len / scaling.low_freq_factor)
+    return jnp.where(medium, smoothed, scaled)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: DecoderConfig, lora: LoraShape, dtype: jnp.dtype) -> None:
+        d, hd = config.hidden_size, config.head_dim
+        proj = dict(slots=lora.slots, rank=lora.max_rank, group="attn", dtype=dtype)
+        self.q_proj = LoraLinear(d, config.num_heads * hd, **proj)
+        self.k_proj = LoraLinear(d, config.num_kv_heads * hd, **proj)
+        self.v_proj = LoraLinear(d, config.num_kv_heads * hd, **proj)
+        self.o_proj = LoraLinear(config.num_heads * hd, d, **proj)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps, dtype=dtype)
+        self.config = config
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, adapters: AdapterBatch, cache: KVCache | None
+    ) -> tuple[jax.Array, KVCache | None]:
+        cfg = self.config
+        b, t, _ = x.shape
+        q = self.q_proj(x, adapters).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x, adapters).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x, adapters).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cache is None:
+            out = attend(q, k, v, positions, positions)
+        else:
+            cache = write_cache(cache, k, v, positions[:, 0])
+            key_positions = jnp.broadcast_to(jnp.arange(cache.k.shape[1]), (b, cache.k.shape[1]))
+            out = attend(q, cache.k, cache.v, positions, key_positions)
+        return self.o_proj(out.reshape(b, t, -1), adapters), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: DecoderConfig, lora: LoraShape, dtype: jnp.dtype) -> None:
+        d, f = config.hidden_size, config.intermediate_size
+        proj = dict(slots=lora.slots, rank=lora.max_rank, group="mlp", dtype=dtype)
+        self.gate_proj = LoraLinear(d, f, **proj)
+        self.up_proj = LoraLinear(d, f, **proj)
+        self.down_proj = LoraLinear(f, d, **proj)
+
+    def __call__(self, x: jax.Array, adapters: AdapterBatch) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x, adapters)) * self.up_proj(x, adapters), adapters)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: DecoderConfig, lora: LoraShape, dtype: jnp.dtype) -> None:
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(config, lora, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(config, lora, dtype)
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, adapters: AdapterBatch, cache: KVCache | None
+    ) -> tuple[jax.Array, KVCache | None]:
+        attn_out, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, adapters, cache)
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x), adapters), cache
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: jnp.dtype) -> None:
+        self.weight = nnx.Param(jnp.zeros((vocab_size, hidden_size), dtype))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return self.weight[...][tokens]
+
+
+class DecoderStack(nnx.Module):
+    def __init__(self, config: DecoderConfig, lora: LoraShape, dtype: jnp.dtype) -> None:
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
+        self.layers = nnx.List([DecoderLayer(config, lora, dtype) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+
+
+class Unembed(nnx.Module):
+    """The output head; with tied embeddings it reuses the embedding matrix but keeps its own LoRA."""
+
+    def __init__(self, config: DecoderConfig, lora: LoraShape, dtype: jnp.dtype) -> None:
+        if not config.tie_word_embeddings:
+            self.weight = nnx.Param(jnp.zeros((config.hidden_size, config.vocab_size), dtype))
+        self.lora = LoraDelta(config.hidden_size, config.vocab_size, slots=lora.slots, rank=lora.max_rank, group="unembed")
+        self.tied = config.tie_word_embeddings
+
+    def __call__(self, h: jax.Array, embedding: jax.Array, adapters: AdapterBatch) -> jax.Array:
+        kernel = embedding.T if self.tied else self.weight[...]
+        logits = jnp.einsum("btd,dv->btv", h, kernel, preferred_element_type=jnp.float32)
+        return logits + self.lora(h, adapters).astype(jnp.float32)
+
+
+class CausalLM(nnx.Module):
+    def __init__(self, config: DecoderConfig, lora: LoraShape, *, dtype: jnp.dtype = jnp.float32) -> None:
+        self.config = config
+        self.model = DecoderStack(config, lora, dtype)
+        self.lm_head = Unembed(config, lora, dtype)
+
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array, adapters: AdapterBatch, caches: list[KVCache] | None = None
+    ) -> tuple[jax.Array, list[KVCache] | None]:
+        """Final hidden states [B, T, D] (and updated caches when decoding)."""
+        inv_freq = rope_frequencies(self.config)
+        x = self.model.embed_tokens(tokens)
+        new_caches = [] if caches is not None else None
+        for i, layer in enumerate(self.model.layers):
+            x, cache = layer(x, positions, inv_freq, adapters, None if caches is None else caches[i])
+            if new_caches is not None:
+                new_caches.append(cache)
+        return self.model.norm(x), new_caches
+
+    def logits(self, hidden: jax.Array, adapters: AdapterBatch) -> jax.Array:
+        """fp32 logits [B, T, V]."""
+        return self.lm_head(hidden, self.model.embed_tokens.weight[...], adapters)
+
+    def init_caches(self, batch: int, length: int, dtype: jnp.dtype) -> list[KVCache]:
+        shape = (batch, length, self.config.num_kv_heads, self.config.head_dim)
+        return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.config.num_layers)]

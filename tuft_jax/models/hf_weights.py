@@ -1,0 +1,65 @@
+"""Loads a local Hugging Face checkpoint (config.json + safetensors shards) into a CausalLM.
+
+Parameter paths equal safetensors keys, so the weight map is one rule: projection kernels are
+transposed to [in, out]; everything else loads as stored. LoRA slots start at zero.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from safetensors import safe_open
+
+from tuft_jax.models.decoder import CausalLM, DecoderConfig, LoraShape
+from tuft_jax.models.hf_config import load_decoder_config
+
+
+def hf_key(path: tuple) -> str:
+    return ".".join(str(part) for part in path)
+
+
+def is_projection(path: tuple) -> bool:
+    """Kernels HF stores [out, in] and we store [in, out]."""
+    return path[-1] == "weight" and path[-2] != "embed_tokens" and not str(path[-2]).endswith("norm")
+
+
+def _shard_files(model_dir: Path) -> dict[str, Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {key: model_dir / name for key, name in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
+    with safe_open(single, framework="flax") as f:
+        return {key: single for key in f.keys()}
+
+
+def load_causal_lm(model_dir: Path, lora: LoraShape, dtype: jnp.dtype) -> tuple[nnx.GraphDef, nnx.State, nnx.State, DecoderConfig]:
+    """Returns (graphdef, base params, LoRA params, config); nothing is materialised twice."""
+    config = load_decoder_config(model_dir)
+    abstract = nnx.eval_shape(lambda: CausalLM(config, lora, dtype=dtype))
+    graphdef, lora_abstract, base_abstract = nnx.split(abstract, nnx.LoRAParam, nnx.Param)
+    files = _shard_files(model_dir)
+    handles = {path: safe_open(path, framework="flax") for path in set(files.values())}
+    base_leaves = []
+    for path, var in nnx.to_flat_state(base_abstract):
+        key = hf_key(path)
+        if key not in files:
+            raise ValueError(f"{model_dir}: checkpoint has no tensor {key!r}")
+        tensor = handles[files[key]].get_tensor(key)
+        if is_projection(path):
+            tensor = tensor.T
+        if tensor.shape != var.shape:
+            raise ValueError(f"{model_dir}: {key} has shape {tensor.shape}, expected {var.shape}")
+        base_leaves.append((path, var.replace(jnp.asarray(tensor, dtype))))
+    lora_leaves = [(path, var.replace(jnp.zeros(var.shape, var.dtype))) for path, var in nnx.to_flat_state(lora_abstract)]
+    return graphdef, nnx.from_flat_state(base_leaves), nnx.from_flat_state(lora_leaves), config
+
+
+def count_params(state: nnx.State) -> int:
+    return sum(x.size for x in jax.tree.leaves(state))

@@ -1,0 +1,79 @@
+"""The jitted forward / forward-backward passes over a padded multi-adapter batch.
+
+Gradients are taken with respect to the slot-stacked LoRA state only, so examples of several
+adapters in one batch each land in their own slot, and are summed into a donated accumulator
+until that adapter's optim_step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tuft_jax.layers import AdapterBatch
+from tuft_jax.losses import token_loss
+
+
+@dataclass(frozen=True)
+class BatchArrays:
+    """Device arrays of a TrainBatch plus the per-row LoRA scales."""
+
+    tokens: jax.Array
+    positions: jax.Array
+    slots: jax.Array
+    scales: jax.Array
+    targets: jax.Array
+    mask: jax.Array
+    inputs: Mapping[str, jax.Array]
+
+
+jax.tree_util.register_dataclass(
+    BatchArrays, data_fields=["tokens", "positions", "slots", "scales", "targets", "mask", "inputs"], meta_fields=[]
+)
+
+
+def target_logprobs(graphdef: nnx.GraphDef, base: nnx.State, lora: nnx.State, batch: BatchArrays) -> jax.Array:
+    """log p(target) for every [B, T, K] target, in fp32."""
+    model = nnx.merge(graphdef, base, lora)
+    adapters = AdapterBatch(batch.slots, batch.scales)
+    hidden, _ = model(batch.tokens, batch.positions, adapters)
+    logits = model.logits(hidden, adapters)
+    log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    return jnp.take_along_axis(logits, batch.targets, axis=-1) - log_z
+
+
+def _loss(
+    lora: nnx.State, graphdef: nnx.GraphDef, base: nnx.State, batch: BatchArrays, config: Mapping[str, jax.Array], loss_fn: str
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    lp = target_logprobs(graphdef, base, lora, batch)
+    per_row = token_loss(loss_fn, lp, batch.inputs, batch.mask, config).sum(axis=(1, 2))
+    return per_row.sum(), (lp, per_row)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "loss_fn"), donate_argnames=("grads",))
+def forward_backward(
+    graphdef: nnx.GraphDef,
+    base: nnx.State,
+    lora: nnx.State,
+    grads: nnx.State,
+    batch: BatchArrays,
+    config: Mapping[str, jax.Array],
+    loss_fn: str,
+) -> tuple[nnx.State, jax.Array, jax.Array]:
+    """Returns (accumulated grads, target logprobs [B, T, K], loss per row [B])."""
+    (_, (lp, per_row)), step_grads = jax.value_and_grad(_loss, has_aux=True)(lora, graphdef, base, batch, config, loss_fn)
+    return jax.tree.map(jnp.add, grads, step_grads), lp, per_row
+
+
+@partial(jax.jit, static_argnames=("graphdef", "loss_fn"))
+def forward(
+    graphdef: nnx.GraphDef, base: nnx.State, lora: nnx.State, batch: BatchArrays, config: Mapping[str, jax.Array], loss_fn: str
+) -> tuple[jax.Array, jax.Array]:
+    """Same outputs as forward_backward, no gradient."""
+    _, (lp, per_row) = _loss(lora, graphdef, base, batch, config, loss_fn)
+    return lp, per_row
