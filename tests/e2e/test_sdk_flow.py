@@ -1,0 +1,92 @@
+"""The whole client flow through the real, unmodified `tinker` SDK against a live server."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tinker
+from tinker import types
+from transformers import AutoTokenizer
+
+BASE_MODEL = "tuft/tiny-qwen3"
+TEXT = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog."
+
+
+@pytest.fixture(scope="module")
+def service(server_url: str) -> tinker.ServiceClient:
+    client = tinker.ServiceClient(base_url=server_url, api_key="tml-e2e-test-key")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def training(service: tinker.ServiceClient) -> tinker.TrainingClient:
+    return service.create_lora_training_client(base_model=BASE_MODEL, rank=8)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(training: tinker.TrainingClient):
+    return AutoTokenizer.from_pretrained(training.get_info().model_data.tokenizer_id)
+
+
+def _datum(tokens: list[int]) -> types.Datum:
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+    )
+
+
+def test_capabilities_list_the_builtin_model(service: tinker.ServiceClient) -> None:
+    names = [m.model_name for m in service.get_server_capabilities().supported_models]
+    assert BASE_MODEL in names
+
+
+def test_train_save_and_sample(service: tinker.ServiceClient, training: tinker.TrainingClient, tokenizer) -> None:
+    tokens = tokenizer.encode(TEXT)
+    datum = _datum(tokens)
+    losses = []
+    for _ in range(5):
+        result = training.forward_backward([datum], "cross_entropy").result()
+        training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        losses.append(result.metrics["loss:sum"])
+        logprobs = result.loss_fn_outputs[0]["logprobs"].to_numpy()
+        assert logprobs.shape == (len(tokens) - 1,)
+        assert math.isclose(-float(logprobs.sum()), result.metrics["loss:sum"], rel_tol=1e-4)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+    state_path = training.save_state("e2e-state").result().path
+    sampler_path = training.save_weights_for_sampler("e2e-sampler").result().path
+    assert state_path == f"tinker://{training.model_id}/weights/e2e-state"
+    assert sampler_path == f"tinker://{training.model_id}/sampler_weights/e2e-sampler"
+
+    session_id = training.model_id.split(":train:")[0]
+    session = service.create_rest_client().get_session(session_id).result()
+    assert training.model_id in session.training_run_ids
+
+    sampler = service.create_sampling_client(model_path=sampler_path)
+    prompt = types.ModelInput.from_ints(tokens[:6])
+    params = types.SamplingParams(max_tokens=8, temperature=1.0, seed=7)
+    response = sampler.sample(prompt=prompt, num_samples=2, sampling_params=params).result()
+    assert len(response.sequences) == 2
+    for sequence in response.sequences:
+        assert 1 <= len(sequence.tokens) <= 8
+        assert len(sequence.logprobs) == len(sequence.tokens)
+    again = sampler.sample(prompt=prompt, num_samples=2, sampling_params=params).result()
+    assert [s.tokens for s in again.sequences] == [s.tokens for s in response.sequences]
+
+    greedy = sampler.sample(
+        prompt=prompt, num_samples=1, sampling_params=types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])
+    ).result()
+    assert greedy.sequences[0].tokens == tokens[6:12], "the trained adapter should reproduce the memorised text"
+
+
+def test_compute_logprobs_match_forward(service: tinker.ServiceClient, training: tinker.TrainingClient, tokenizer) -> None:
+    tokens = tokenizer.encode(TEXT)[:12]
+    sampler = training.save_weights_and_get_sampling_client()
+    prompt_logprobs = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(tokens)
+    forward = training.forward([_datum(tokens)], "cross_entropy").result()
+    expected = forward.loss_fn_outputs[0]["logprobs"].to_numpy()
+    np.testing.assert_allclose(np.array(prompt_logprobs[1:], dtype=np.float32), expected, atol=1e-4)
