@@ -35,11 +35,12 @@ class TrainBatch:
     target_shapes: list[tuple[int, ...]]
 
 
-def build_train_batch(rows: list[tuple[int, Datum]], input_fill: dict[str, float]) -> TrainBatch:
-    """`input_fill` names the float inputs to carry and the value for datums that lack one."""
+def build_train_batch(rows: list[tuple[int, Datum]], input_fill: dict[str, float], min_rows: int = 1) -> TrainBatch:
+    """`input_fill` names the float inputs to carry and the value for datums that lack one;
+    the batch is padded to at least `min_rows` rows (the data-parallel width)."""
     lengths = [len(d.tokens) for _, d in rows]
     k = max(d.loss_inputs["target_tokens"].reshape(len(d.tokens), -1).shape[1] for _, d in rows)
-    b, t = batch_bucket(len(rows)), bucket(max(lengths))
+    b, t = max(batch_bucket(len(rows)), min_rows), bucket(max(lengths))
     tokens = np.zeros((b, t), np.int32)
     targets = np.zeros((b, t, k), np.int32)
     mask = np.zeros((b, t, k), bool)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from transformers import AutoTokenizer
 
 from tuft_jax import adapters, checkpoints, losses
@@ -23,6 +24,7 @@ from tuft_jax.models.decoder import LoraShape
 from tuft_jax.models.hf_weights import load_causal_lm
 from tuft_jax.optimizer import adamw_step, init_optimizer_state
 from tuft_jax.sampler import DecodeRequest, generate
+from tuft_jax.sharding import batch_sharding, make_mesh
 from tuft_jax.train_step import BatchArrays, forward, forward_backward
 from tuft_jax.types import AdamParams, Datum, ForwardResult, LoraConfig, SampledSequence, SampleResult, SamplingParams
 
@@ -34,15 +36,16 @@ def _random_seed() -> int:
 
 
 class Engine:
-    def __init__(self, spec: BaseModelSpec) -> None:
+    def __init__(self, spec: BaseModelSpec, mesh: Mesh | None = None) -> None:
         self.spec = spec
+        self.mesh = make_mesh() if mesh is None else mesh
         self.name = spec.name
         self.max_context_length = spec.max_context_length
         self.tokenizer_path = str(spec.path)
         self.slots = adapters.SlotTable(spec.max_adapters + 1, spec.max_lora_rank)
         dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
         lora_shape = LoraShape(self.slots.num_slots, spec.max_lora_rank)
-        self.graphdef, self.base, self.lora, self.config = load_causal_lm(spec.path, lora_shape, dtype)
+        self.graphdef, self.base, self.lora, self.config = load_causal_lm(spec.path, lora_shape, dtype, self.mesh)
         self.grads = jax.tree.map(jnp.zeros_like, self.lora)
         self.opt_state = init_optimizer_state(self.lora)
         self.steps: dict[int, int] = {}
@@ -105,16 +108,17 @@ class Engine:
             for key in datum.loss_inputs
             if key != "target_tokens"
         }
-        tb = build_train_batch(rows, fill)
-        arrays = BatchArrays(
-            tokens=jnp.asarray(tb.tokens),
-            positions=jnp.asarray(tb.positions),
-            slots=jnp.asarray(tb.slots),
-            scales=jnp.asarray(self.slots.scales[tb.slots]),
-            targets=jnp.asarray(tb.targets),
-            mask=jnp.asarray(tb.mask),
-            inputs={key: jnp.asarray(value) for key, value in tb.inputs.items()},
+        tb = build_train_batch(rows, fill, min_rows=self.mesh.shape["fsdp"])
+        host = BatchArrays(
+            tokens=tb.tokens,
+            positions=tb.positions,
+            slots=tb.slots,
+            scales=self.slots.scales[tb.slots],
+            targets=tb.targets,
+            mask=tb.mask,
+            inputs=tb.inputs,
         )
+        arrays = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, x.ndim)), host)
         config = {key: jnp.float32(value) for key, value in loss_config.items()}
         if forward_only:
             lp, per_row = forward(self.graphdef, self.base, self.lora, arrays, config, loss_fn)

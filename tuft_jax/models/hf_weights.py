@@ -11,11 +11,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from safetensors import safe_open
 
 from tuft_jax.models.decoder import CausalLM, DecoderConfig, LoraShape
 from tuft_jax.models.hf_config import load_decoder_config
+from tuft_jax.sharding import param_sharding
 
 
 def hf_key(path: tuple) -> str:
@@ -39,8 +42,10 @@ def _shard_files(model_dir: Path) -> dict[str, Path]:
         return {key: single for key in f.keys()}
 
 
-def load_causal_lm(model_dir: Path, lora: LoraShape, dtype: jnp.dtype) -> tuple[nnx.GraphDef, nnx.State, nnx.State, DecoderConfig]:
-    """Returns (graphdef, base params, LoRA params, config); nothing is materialised twice."""
+def load_causal_lm(
+    model_dir: Path, lora: LoraShape, dtype: jnp.dtype, mesh: Mesh
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State, DecoderConfig]:
+    """Returns (graphdef, base params, LoRA params, config), each leaf placed with its sharding."""
     config = load_decoder_config(model_dir)
     abstract = nnx.eval_shape(lambda: CausalLM(config, lora, dtype=dtype))
     graphdef, lora_abstract, base_abstract = nnx.split(abstract, nnx.LoRAParam, nnx.Param)
@@ -56,8 +61,12 @@ def load_causal_lm(model_dir: Path, lora: LoraShape, dtype: jnp.dtype) -> tuple[
             tensor = tensor.T
         if tensor.shape != var.shape:
             raise ValueError(f"{model_dir}: {key} has shape {tensor.shape}, expected {var.shape}")
-        base_leaves.append((path, var.replace(jnp.asarray(tensor, dtype))))
-    lora_leaves = [(path, var.replace(jnp.zeros(var.shape, var.dtype))) for path, var in nnx.to_flat_state(lora_abstract)]
+        placed = jax.device_put(tensor.astype(dtype), param_sharding(path, var.shape, mesh))
+        base_leaves.append((path, var.replace(placed)))
+    lora_leaves = [
+        (path, var.replace(jax.device_put(np.zeros(var.shape, var.dtype), param_sharding(path, var.shape, mesh))))
+        for path, var in nnx.to_flat_state(lora_abstract)
+    ]
     return graphdef, nnx.from_flat_state(base_leaves), nnx.from_flat_state(lora_leaves), config
 
 

@@ -1,0 +1,82 @@
+"""Training on a mesh of 8 simulated CPU devices gives the same losses and LoRA weights as one device.
+
+XLA's device count is fixed when JAX starts, so the comparison runs in a child process that
+sets `--xla_force_host_platform_device_count=8` and trains the same adapter on a 1-device and
+an (fsdp=4, tp=2) mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jax.sharding import AbstractMesh, PartitionSpec
+
+from tuft_jax.sharding import MESH_AXES, logical_axes, make_mesh, spec_for
+
+
+def _train(mesh_devices: int, tp: int, model_dir: Path) -> dict:
+    import jax
+
+    from tuft_jax.engine import Engine
+    from tuft_jax.model_registry import BaseModelSpec
+    from tuft_jax.types import AdamParams, Datum, LoraConfig
+
+    spec = BaseModelSpec("tiny", model_dir, 256, 8, 4, family="qwen3")
+    engine = Engine(spec, make_mesh(jax.devices()[:mesh_devices], tp=tp))
+    slots = [engine.create_adapter(LoraConfig(rank=4, seed=s)) for s in (1, 2)]
+    rng = np.random.default_rng(0)
+    data = []
+    for length in (9, 13, 17):
+        tokens = rng.integers(0, 400, size=length + 1)
+        data.append(Datum(tokens[:-1].astype(np.int32), {"target_tokens": tokens[1:].astype(np.int64)}))
+    losses = []
+    for _ in range(3):
+        results = engine.forward_backward([(slots[0], data[:2]), (slots[1], data[2:])], "cross_entropy", {}, False)
+        losses.append([r.metrics["loss:sum"] for r in results])
+        for slot in slots:
+            engine.optim_step(slot, AdamParams(learning_rate=1e-2, weight_decay=0.1, grad_clip_norm=5.0))
+    weights = [float(np.abs(np.asarray(x)).sum()) for x in jax.tree.leaves(engine.lora)]
+    shardings = {str(x.sharding.spec) for x in jax.tree.leaves(engine.base)}
+    return {"losses": losses, "weights": weights, "shardings": sorted(shardings)}
+
+
+def test_eight_device_mesh_matches_one_device(tmp_path: Path) -> None:
+    from tuft_jax.builtin_model import ensure_builtin_model
+
+    model_dir = ensure_builtin_model(tmp_path)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = subprocess.run(
+        [sys.executable, __file__, str(model_dir)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    single, sharded = json.loads(out.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-4)
+    np.testing.assert_allclose(sharded["weights"], single["weights"], rtol=1e-4)
+    assert any("fsdp" in s for s in sharded["shardings"]) and any("tp" in s for s in sharded["shardings"])
+
+
+def test_logical_axes_follow_parameter_roles() -> None:
+    assert logical_axes(("model", "layers", 0, "self_attn", "q_proj", "lora", "lora_a"), 3) == ("slots", "embed", "rank")
+    assert logical_axes(("model", "layers", 0, "mlp", "down_proj", "weight"), 2) == ("mlp", "embed")
+    assert logical_axes(("model", "embed_tokens", "weight"), 2) == ("vocab", "embed")
+    assert logical_axes(("model", "layers", 0, "self_attn", "q_norm", "weight"), 1) == (None,)
+
+
+def test_indivisible_dimensions_stay_replicated() -> None:
+    mesh = AbstractMesh((4, 2), MESH_AXES)
+    assert spec_for(("vocab", "embed"), (8, 64), mesh) == PartitionSpec("tp", "fsdp")
+    assert spec_for(("vocab", "embed"), (7, 6), mesh) == PartitionSpec(None, None)
+
+
+if __name__ == "__main__":
+    import jax
+
+    model = Path(sys.argv[1])
+    print(json.dumps([_train(1, 1, model), _train(8, 2, model)]))

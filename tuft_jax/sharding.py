@@ -1,0 +1,80 @@
+"""Device mesh and logical-axis sharding rules for parameters and batches.
+
+The mesh has two named axes: `fsdp` (parameters and the batch are split along it) and `tp`
+(attention heads, MLP width and vocabulary are split along it). Parameters name their axes
+logically from their role; a small rules table maps logical names to mesh axes, and a
+dimension that an axis does not divide evenly stays replicated.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("fsdp", "tp")
+LOGICAL_RULES: dict[str, str | None] = {
+    "batch": "fsdp",
+    "embed": "fsdp",
+    "heads": "tp",
+    "mlp": "tp",
+    "vocab": "tp",
+    "slots": None,
+    "rank": None,
+}
+
+_PROJECTION_AXES = {
+    "q_proj": ("embed", "heads"),
+    "k_proj": ("embed", "heads"),
+    "v_proj": ("embed", "heads"),
+    "o_proj": ("heads", "embed"),
+    "gate_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"),
+    "lm_head": ("embed", "vocab"),
+}
+
+
+def make_mesh(devices: list[jax.Device] | None = None, tp: int = 1) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    if len(devices) % tp:
+        raise ValueError(f"tp={tp} does not divide the {len(devices)} devices")
+    return Mesh(np.array(devices).reshape(len(devices) // tp, tp), MESH_AXES)
+
+
+def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
+    """Logical axis names of a parameter from its HF-style path."""
+    names = [str(p) for p in path]
+    if names[-1] == "weight" and names[-2] == "embed_tokens":
+        return ("vocab", "embed")
+    owner = next((n for n in reversed(names) if n in _PROJECTION_AXES), None)
+    if owner is None:
+        return (None,) * ndim
+    in_axis, out_axis = _PROJECTION_AXES[owner]
+    if names[-1] == "lora_a":
+        return ("slots", in_axis, "rank")
+    if names[-1] == "lora_b":
+        return ("slots", "rank", out_axis)
+    return (in_axis, out_axis)
+
+
+def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Maps logical axes to mesh axes, replicating any dimension the axis size does not divide."""
+    parts = []
+    for axis, size in zip(axes, shape, strict=True):
+        mesh_axis = LOGICAL_RULES.get(axis) if axis else None
+        parts.append(mesh_axis if mesh_axis and size % mesh.shape[mesh_axis] == 0 else None)
+    return PartitionSpec(*parts)
+
+
+def param_sharding(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(logical_axes(path, len(shape)), shape, mesh))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Splits the leading (batch) axis over fsdp."""
+    return NamedSharding(mesh, PartitionSpec("fsdp", *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
