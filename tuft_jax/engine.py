@@ -24,7 +24,7 @@ from tuft_jax.models.decoder import LoraShape
 from tuft_jax.models.hf_weights import load_causal_lm
 from tuft_jax.optimizer import adamw_step, init_optimizer_state
 from tuft_jax.sampler import DecodeRequest, generate
-from tuft_jax.sharding import batch_sharding, make_mesh
+from tuft_jax.sharding import batch_sharding, make_mesh, place_like_params
 from tuft_jax.train_step import BatchArrays, forward, forward_backward
 from tuft_jax.types import AdamParams, Datum, ForwardResult, LoraConfig, SampledSequence, SampleResult, SamplingParams
 
@@ -47,7 +47,7 @@ class Engine:
         lora_shape = LoraShape(self.slots.num_slots, spec.max_lora_rank)
         self.graphdef, self.base, self.lora, self.config = load_causal_lm(spec.path, lora_shape, dtype, self.mesh)
         self.grads = jax.tree.map(jnp.zeros_like, self.lora)
-        self.opt_state = init_optimizer_state(self.lora)
+        self.opt_state = place_like_params(init_optimizer_state(self.lora), self.mesh)
         self.steps: dict[int, int] = {}
         self.tokenizer = AutoTokenizer.from_pretrained(spec.path)
         eos = self.config.eos_token_ids or (self.tokenizer.eos_token_id,)

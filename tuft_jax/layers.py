@@ -45,7 +45,12 @@ class RMSNorm(nnx.Module):
 
 
 class LoraDelta(nnx.Module):
-    """The low-rank update x @ A[slot] @ B[slot] * scale for every slot at once (fp32 weights)."""
+    """The low-rank update (x @ A[slot]) @ B[slot] * scale for a batch mixing adapter slots.
+
+    Tokens are sorted by slot and multiplied group by group with `ragged_dot` (a segment
+    matmul), so the cost does not grow with the number of slots and no per-example copy of
+    A or B is made.
+    """
 
     def __init__(self, in_features: int, out_features: int, *, slots: int, rank: int, group: str) -> None:
         self.lora_a = nnx.LoRAParam(jnp.zeros((slots, in_features, rank), jnp.float32))
@@ -53,11 +58,15 @@ class LoraDelta(nnx.Module):
         self.group = group
 
     def __call__(self, x: jax.Array, adapters: AdapterBatch) -> jax.Array:
-        a = self.lora_a[...][adapters.slots].astype(x.dtype)
-        b = self.lora_b[...][adapters.slots].astype(x.dtype)
-        low = jnp.einsum("bti,bir->btr", x, a)
-        scale = adapters.scale(self.group).astype(x.dtype)[:, None, None]
-        return jnp.einsum("btr,bro->bto", low * scale, b)
+        b, t, d = x.shape
+        num_slots = self.lora_a.shape[0]
+        token_slots = jnp.repeat(adapters.slots, t)
+        order = jnp.argsort(token_slots, stable=True)
+        group_sizes = jnp.bincount(token_slots, length=num_slots).astype(jnp.int32)
+        scale = jnp.repeat(adapters.scale(self.group), t)[order].astype(x.dtype)
+        low = jax.lax.ragged_dot(x.reshape(b * t, d)[order], self.lora_a[...].astype(x.dtype), group_sizes)
+        out = jax.lax.ragged_dot(low * scale[:, None], self.lora_b[...].astype(x.dtype), group_sizes)
+        return jnp.zeros_like(out).at[order].set(out).reshape(b, t, -1)
 
 
 class LoraLinear(nnx.Module):

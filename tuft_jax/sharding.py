@@ -43,19 +43,20 @@ def make_mesh(devices: list[jax.Device] | None = None, tp: int = 1) -> Mesh:
 
 
 def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
-    """Logical axis names of a parameter from its HF-style path."""
+    """Logical axis names of a parameter (or of a leaf mirroring one) from its HF-style path."""
     names = [str(p) for p in path]
-    if names[-1] == "weight" and names[-2] == "embed_tokens":
-        return ("vocab", "embed")
     owner = next((n for n in reversed(names) if n in _PROJECTION_AXES), None)
-    if owner is None:
-        return (None,) * ndim
-    in_axis, out_axis = _PROJECTION_AXES[owner]
-    if names[-1] == "lora_a":
-        return ("slots", in_axis, "rank")
-    if names[-1] == "lora_b":
-        return ("slots", "rank", out_axis)
-    return (in_axis, out_axis)
+    if "embed_tokens" in names:
+        axes: tuple[str | None, ...] = ("vocab", "embed")
+    elif owner is None:
+        axes = ()
+    elif "lora_a" in names:
+        axes = ("slots", _PROJECTION_AXES[owner][0], "rank")
+    elif "lora_b" in names:
+        axes = ("slots", "rank", _PROJECTION_AXES[owner][1])
+    else:
+        axes = _PROJECTION_AXES[owner]
+    return axes if len(axes) == ndim else (None,) * ndim
 
 
 def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
@@ -69,6 +70,23 @@ def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -
 
 def param_sharding(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, spec_for(logical_axes(path, len(shape)), shape, mesh))
+
+
+def _key_name(key: object) -> object:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return key
+
+
+def place_like_params(tree: object, mesh: Mesh) -> object:
+    """Places every leaf by the role its path names (e.g. AdamW moments like their LoRA weights)."""
+
+    def place(path: tuple, x: jax.Array) -> jax.Array:
+        names = tuple(_key_name(k) for k in path)
+        return jax.device_put(x, param_sharding(names, x.shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(place, tree)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
