@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from transformers import AutoTokenizer
 
-from tuft_jax import adapters, checkpoints, losses
+from tuft_jax import adapters, checkpoints, losses, peft_export
 from tuft_jax.batching import batch_bucket, bucket, build_train_batch
 from tuft_jax.errors import InputError
 from tuft_jax.model_registry import BaseModelSpec
@@ -188,6 +188,14 @@ class Engine:
             self.opt_state = jax.tree.map(lambda x, v: x.at[index].set(v), self.opt_state, tree["opt"])
         self.steps[slot] = metadata.step
         return slot
+
+    def export_peft(self, slot: int, directory: Path) -> int:
+        """Writes the slot as a standard PEFT LoRA adapter (what other tools load); returns its size in bytes."""
+        config = self.slots.config(slot)
+        flat = nnx.to_flat_state(self.lora)
+        values = jax.device_get([var[...][slot] for _, var in flat])
+        lora = {path: value for (path, _), value in zip(flat, values, strict=True)}
+        return peft_export.write_peft_adapter(directory, lora, config, adapters.LORA_ALPHA, self.name)
 
     # ---- sampling -------------------------------------------------------------------------
 
