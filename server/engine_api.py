@@ -1,0 +1,60 @@
+"""The engine contract the service programs against (implemented by `tuft_jax.engine.Engine`).
+
+A Protocol rather than an import keeps the HTTP layer free of JAX, so it starts and is
+tested without loading a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from tuft_jax.types import AdamParams, Datum, ForwardResult, LoraConfig, SampleResult, SamplingParams
+
+
+class EngineAPI(Protocol):
+    name: str
+    tokenizer_path: str
+    max_context_length: int
+    eos_token_id: int
+
+    def check_forward_backward(
+        self, data: list[Datum], loss_fn: str, loss_config: dict[str, float | str]
+    ) -> dict[str, float]: ...
+
+    def create_adapter(self, lora: LoraConfig) -> int: ...
+
+    def release_adapter(self, slot: int) -> None: ...
+
+    def forward_backward(
+        self,
+        batch: list[tuple[int, list[Datum]]],
+        loss_fn: str,
+        loss_config: dict[str, float],
+        forward_only: bool,
+    ) -> list[ForwardResult]: ...
+
+    def optim_step(self, slot: int, params: AdamParams) -> dict[str, float]: ...
+
+    def snapshot_adapter(self, slot: int) -> int: ...
+
+    def save_adapter(self, slot: int, directory: Path, *, with_optimizer: bool) -> int: ...
+
+    def load_adapter(self, directory: Path, *, with_optimizer: bool) -> int: ...
+
+    def adapter_config(self, slot: int) -> LoraConfig: ...
+
+    def check_sample(self, prompt: np.ndarray, num_samples: int, params: SamplingParams) -> None: ...
+
+    def sample(
+        self,
+        slot: int,
+        prompt: np.ndarray,
+        num_samples: int,
+        params: SamplingParams,
+        *,
+        prompt_logprobs: bool,
+        topk_prompt_logprobs: int,
+    ) -> SampleResult: ...

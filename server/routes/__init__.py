@@ -1,0 +1,1 @@
+"""HTTP routes of the Tinker API, one module per area."""

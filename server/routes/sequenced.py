@@ -1,0 +1,148 @@
+"""How training requests are accepted: retries, validation, `seq_id` order, consumed seq_ids.
+
+The SDK numbers a model's requests 1, 2, 3, ..., retries with the same number, and moves on
+after a rejection, so every path here ends in exactly one of: the original request id, a
+new request queued in order, or a rejection that consumes the seq_id (except 429, which the
+SDK retries with the same seq_id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import zstandard
+from google.protobuf.message import DecodeError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.engine_api import EngineAPI
+from server.http import json_response
+from server.runtime import LiveModel
+from server.service import Service, then
+from server.sessions import OWNER, model_id_for, utc_now
+from server.store import TrainingRunRecord
+from server.wire import tinker_public_pb2 as pb
+from server.wire.proto_codec import MAX_DECOMPRESSED_BYTES
+from server.wire.types import UntypedAPIFuture
+from tuft_jax.errors import CapacityError
+from tuft_jax.types import LoraConfig
+
+T = TypeVar("T")
+Start = Callable[[], asyncio.Future[Any]]
+"""Queues a validated request's engine work; the future yields its reply."""
+
+
+class _TrainingIds(msgspec.Struct):
+    model_id: str | None = None
+    seq_id: int | None = None
+
+
+async def read_training_body(service: Service, request: Request, body_type: type[T]) -> T:
+    """Decode a sequenced JSON request; if it is invalid, still consume its seq_id if it has one."""
+    raw = await request.body()
+    try:
+        return msgspec.json.decode(raw, type=body_type)
+    except msgspec.ValidationError:
+        with contextlib.suppress(msgspec.DecodeError):
+            ids = msgspec.json.decode(raw, type=_TrainingIds)
+            consume(service, ids.model_id, ids.seq_id)
+        raise
+
+
+def forward_envelope(body: bytes, content_encoding: str | None) -> tuple[str | None, int | None]:
+    """Best effort for a forward_backward body the codec refused: its (model_id, seq_id), if
+    the envelope parses, so the seq_id can be consumed and later requests do not wait for it."""
+    try:
+        if (content_encoding or "").strip().lower() == "zstd":
+            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_DECOMPRESSED_BYTES)
+        envelope = pb.ForwardBackwardRequest.FromString(body)
+    except (zstandard.ZstdError, DecodeError):
+        return None, None
+    return envelope.model_id, envelope.seq_id
+
+
+def consume(service: Service, model_id: str | None, seq_id: int | None) -> None:
+    if model_id is not None and seq_id is not None and model_id in service.models:
+        service.sequencer.consume(model_id, seq_id)
+
+
+async def submit_sequenced(
+    service: Service, model_id: str, seq_id: int | None, prepare: Callable[[LiveModel], Awaitable[Start]]
+) -> Response:
+    """Validate with `prepare`, then queue the work behind every lower seq_id of the model.
+
+    A retry gets the original request id. A rejected seq_id is consumed, except on 429,
+    after which the SDK retries the same seq_id.
+    """
+    model = service.model(model_id)
+    if seq_id is not None and (retry := _reply_to_retry(service, model_id, seq_id)) is not None:
+        return retry
+    try:
+        start = await prepare(model)
+    except CapacityError:
+        raise
+    except Exception:
+        if seq_id is not None:
+            service.sequencer.consume(model_id, seq_id)
+        raise
+    # Validation may have awaited: a concurrent retry of this request can have been accepted.
+    if seq_id is not None and (retry := _reply_to_retry(service, model_id, seq_id)) is not None:
+        return retry
+    service.store.touch_training_run(model_id, utc_now())
+    request_id = service.futures.create()
+
+    def dispatch() -> None:
+        service.futures.settle_from(request_id, start())
+
+    if seq_id is None:
+        dispatch()
+    else:
+        service.sequencer.submit(model_id, seq_id, request_id, dispatch)
+    return json_response(UntypedAPIFuture(request_id=request_id, model_id=model_id))
+
+
+def _reply_to_retry(service: Service, model_id: str, seq_id: int) -> Response | None:
+    """The original reply if (model_id, seq_id) was accepted; raises if the seq_id is used up."""
+    original = service.sequencer.accepted(model_id, seq_id)
+    if original is not None:
+        return json_response(UntypedAPIFuture(request_id=original, model_id=model_id))
+    service.sequencer.check_fresh(model_id, seq_id)
+    return None
+
+
+def create_model_with(
+    service: Service,
+    session_id: str,
+    model_seq_id: int,
+    engine: EngineAPI,
+    run: Callable[[EngineAPI, LiveModel], LoraConfig],
+    respond: Callable[[str], msgspec.Struct],
+    user_metadata: dict[str, Any] | None,
+) -> Response:
+    """Create training model `{session_id}:train:{model_seq_id}` (its seq_id 0) with `run`."""
+    service.sessions.require_active(session_id)
+    model_id = model_id_for(session_id, model_seq_id)
+    existing = service.models.get(model_id)
+    if existing is not None:
+        return json_response(UntypedAPIFuture(request_id=existing.create_request_id, model_id=model_id))
+    request_id = service.futures.create()
+    model = LiveModel(model_id, session_id, engine.name, create_request_id=request_id)
+    service.add_model(model)
+
+    def finish(lora: LoraConfig) -> msgspec.Struct:
+        now = utc_now()
+        service.store.put_training_run(
+            TrainingRunRecord(model_id, session_id, OWNER, engine.name, lora, now, now, user_metadata)
+        )
+        return respond(model_id)
+
+    def failed(_: BaseException) -> None:
+        service.forget_model(model_id, f"creating model {model_id!r} failed")
+
+    outcome = service.workers[engine.name].call(lambda e: run(e, model))
+    service.futures.settle_from(request_id, then(outcome, finish, failed))
+    return json_response(UntypedAPIFuture(request_id=request_id, model_id=model_id))

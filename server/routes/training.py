@@ -1,0 +1,369 @@
+"""Training endpoints: model creation, forward/backward, optimizer steps, saves and loads.
+
+Every mutating call answers at once with a request id whose result comes through
+`retrieve_future`. Validation happens before answering, so bad input is a synchronous 400;
+the engine work runs later on the model's worker, in `seq_id` order.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+import msgspec
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from server import checkpoint_files
+from server.engine_api import EngineAPI
+from server.errors import NotFound
+from server.http import json_response, read_json
+from server.paths import CheckpointKind, CheckpointRef, parse_tinker_path, validate_name
+from server.routes.sequenced import (
+    Start,
+    consume,
+    create_model_with,
+    forward_envelope,
+    read_training_body,
+    submit_sequenced,
+)
+from server.runtime import LiveModel, LiveSampler
+from server.service import Service, then
+from server.sessions import sampler_id_for, utc_now
+from server.store import CheckpointRecord, SamplerRecord
+from server.wire.proto_codec import decode_forward_backward_request, encode_forward_backward_output
+from server.wire.types import (
+    CreateModelRequest,
+    CreateModelResponse,
+    GetInfoRequest,
+    GetInfoResponse,
+    LoadWeightsRequest,
+    LoadWeightsResponse,
+    ModelData,
+    OptimizerConfigBody,
+    OptimStepRequest,
+    OptimStepResponse,
+    SaveWeightsExternalRequest,
+    SaveWeightsForSamplerRequest,
+    SaveWeightsForSamplerResponse,
+    SaveWeightsRequest,
+    SaveWeightsResponse,
+)
+from server.worker import ForwardBackwardItem
+from tuft_jax.errors import InputError
+from tuft_jax.types import AdamParams, ForwardResult, LoraConfig
+
+DEFAULT_LORA_RANK = 32
+
+
+def _save(
+    service: Service,
+    model: LiveModel,
+    ref: CheckpointRef,
+    *,
+    with_optimizer: bool,
+    overwrite: bool,
+    ttl_seconds: int | None,
+    user_metadata: dict[str, str] | None,
+    respond: Callable[[str], msgspec.Struct],
+) -> Start:
+    expires_at = _expiry(ttl_seconds)
+    directory = ref.directory(service.checkpoint_dir)
+    if directory.exists() and not overwrite:
+        raise InputError(f"checkpoint {ref.tinker_path} already exists")
+
+    def run(engine: EngineAPI) -> int:
+        return checkpoint_files.save(
+            engine, model.require_slot(), directory, with_optimizer=with_optimizer, overwrite=overwrite
+        )
+
+    def finish(size: int) -> msgspec.Struct:
+        service.store.put_checkpoint(CheckpointRecord(ref, utc_now(), size, user_metadata, expires_at))
+        return respond(ref.tinker_path)
+
+    return lambda: then(service.workers[model.base_model].call(run), finish)
+
+
+def _checkpoint_ref(model: LiveModel, kind: CheckpointKind, name: str | None) -> CheckpointRef:
+    return CheckpointRef(model.model_id, kind, validate_name(name or f"ckpt-{uuid.uuid4().hex[:12]}"))
+
+
+def _expiry(ttl_seconds: int | None) -> datetime | None:
+    if ttl_seconds is None:
+        return None
+    if ttl_seconds <= 0:
+        raise InputError(f"ttl_seconds must be positive, got {ttl_seconds}")
+    return utc_now() + timedelta(seconds=ttl_seconds)
+
+
+def _check_optimizer(config: OptimizerConfigBody | None) -> None:
+    if config is not None and config.type != "adamw":
+        raise InputError(f"optimizer {config.type!r} is not supported; this server trains with adamw")
+
+
+def _lora_config(body: CreateModelRequest) -> LoraConfig:
+    lora = body.lora_config
+    if lora is None:
+        return LoraConfig(rank=DEFAULT_LORA_RANK)
+    if lora.rank < 1:
+        raise InputError(f"lora rank must be at least 1, got {lora.rank}")
+    if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
+        raise InputError("at least one of train_attn, train_mlp and train_unembed must be true")
+    return LoraConfig(
+        rank=lora.rank,
+        seed=lora.seed,
+        train_attn=lora.train_attn,
+        train_mlp=lora.train_mlp,
+        train_unembed=lora.train_unembed,
+    )
+
+
+def _adam_params(body: OptimStepRequest) -> AdamParams:
+    if body.adam_params is None:
+        kind = (body.optimizer_params or {}).get("type")
+        raise InputError(f"optimizer {kind!r} is not supported; send adam_params (AdamW)")
+    values: dict[str, float] = msgspec.structs.asdict(body.adam_params)
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise InputError(f"adam_params {', '.join(bad)} must be finite")
+    p = AdamParams(**values)
+    if p.learning_rate < 0 or p.weight_decay < 0 or p.grad_clip_norm < 0:
+        raise InputError("learning_rate, weight_decay and grad_clip_norm must be >= 0")
+    if not (0 <= p.beta1 < 1 and 0 <= p.beta2 < 1):
+        raise InputError(f"beta1 and beta2 must be in [0, 1), got {p.beta1} and {p.beta2}")
+    if p.eps <= 0:
+        raise InputError(f"eps must be positive, got {p.eps}")
+    return p
+
+
+def _encode_forward(result: ForwardResult) -> bytes:
+    return encode_forward_backward_output(result.outputs, result.metrics)
+
+
+# ---- endpoints ------------------------------------------------------------------------------
+
+
+async def create_model(request: Request) -> Response:
+    body = await read_json(request, CreateModelRequest)
+    service = Service.of(request)
+    engine = service.engine(body.base_model)
+    lora = _lora_config(body)
+    _check_optimizer(body.optimizer_config)
+
+    def run(e: EngineAPI, model: LiveModel) -> LoraConfig:
+        model.slot = e.create_adapter(lora)
+        return lora
+
+    return create_model_with(
+        service,
+        body.session_id,
+        body.model_seq_id,
+        engine,
+        run,
+        lambda model_id: CreateModelResponse(model_id=model_id),
+        body.user_metadata,
+    )
+
+
+async def get_info(request: Request) -> Response:
+    body = await read_json(request, GetInfoRequest)
+    service = Service.of(request)
+    model = service.model(body.model_id)
+    run = service.store.get_training_run(model.model_id)
+    if run is None:
+        raise NotFound(f"model {model.model_id!r} is still being created")
+    engine = service.engines[model.base_model]
+    return json_response(
+        GetInfoResponse(
+            model_id=model.model_id,
+            model_data=ModelData(model_name=run.base_model, tokenizer_id=engine.tokenizer_path),
+            model_name=run.base_model,
+            is_lora=True,
+            lora_rank=run.lora.rank,
+        )
+    )
+
+
+async def load_weights(request: Request) -> Response:
+    service = Service.of(request)
+    body = await read_training_body(service, request, LoadWeightsRequest)
+    if body.session_id is not None and body.model_seq_id is not None:
+        return _create_via_load(service, body)
+    if body.model_id is None:
+        raise InputError("load_weights needs session_id + model_seq_id (new model) or model_id + seq_id")
+    model_id = body.model_id
+
+    async def prepare(model: LiveModel) -> Start:
+        directory = service.checkpoint_directory(parse_tinker_path(body.path))
+
+        def run(e: EngineAPI) -> LoraConfig:
+            previous = model.slot
+            model.slot = e.load_adapter(directory, with_optimizer=body.optimizer)
+            if previous is not None:
+                e.release_adapter(previous)
+            return e.adapter_config(model.slot)
+
+        def finish(lora: LoraConfig) -> msgspec.Struct:
+            record = service.store.get_training_run(model_id)
+            if record is not None:
+                service.store.put_training_run(replace(record, lora=lora))
+            return LoadWeightsResponse(path=body.path, model_id=model_id)
+
+        return lambda: then(service.workers[model.base_model].call(run), finish)
+
+    return await submit_sequenced(service, model_id, body.seq_id, prepare)
+
+
+def _create_via_load(service: Service, body: LoadWeightsRequest) -> Response:
+    assert body.session_id is not None and body.model_seq_id is not None
+    ref = parse_tinker_path(body.path)
+    directory = service.checkpoint_directory(ref)
+    engine = service.engine_for_checkpoint(ref, body.base_model)
+    if not body.optimizer:
+        _check_optimizer(body.optimizer_config)
+
+    def run(e: EngineAPI, model: LiveModel) -> LoraConfig:
+        model.slot = e.load_adapter(directory, with_optimizer=body.optimizer)
+        return e.adapter_config(model.slot)
+
+    return create_model_with(
+        service,
+        body.session_id,
+        body.model_seq_id,
+        engine,
+        run,
+        lambda model_id: LoadWeightsResponse(path=body.path, model_id=model_id),
+        body.user_metadata,
+    )
+
+
+async def forward_backward(request: Request) -> Response:
+    service = Service.of(request)
+    body, encoding = await request.body(), request.headers.get("content-encoding")
+    try:
+        call = await run_in_threadpool(decode_forward_backward_request, body, encoding)
+    except InputError:
+        consume(service, *await run_in_threadpool(forward_envelope, body, encoding))
+        raise
+
+    async def prepare(model: LiveModel) -> Start:
+        engine = service.engines[model.base_model]
+        config = await run_in_threadpool(engine.check_forward_backward, call.data, call.loss_fn, call.loss_fn_config)
+        item = ForwardBackwardItem(
+            model_id=model.model_id,
+            slot=model.require_slot,
+            data=call.data,
+            loss_fn=call.loss_fn,
+            loss_config=config,
+            forward_only=call.forward_only,
+            finish=_encode_forward,
+        )
+        return lambda: service.workers[model.base_model].forward_backward(item)
+
+    return await submit_sequenced(service, call.model_id, call.seq_id, prepare)
+
+
+async def optim_step(request: Request) -> Response:
+    service = Service.of(request)
+    body = await read_training_body(service, request, OptimStepRequest)
+
+    async def prepare(model: LiveModel) -> Start:
+        params = _adam_params(body)
+
+        def run(e: EngineAPI) -> msgspec.Struct:
+            return OptimStepResponse(metrics=e.optim_step(model.require_slot(), params))
+
+        return lambda: service.workers[model.base_model].call(run)
+
+    return await submit_sequenced(service, body.model_id, body.seq_id, prepare)
+
+
+async def save_weights(request: Request) -> Response:
+    service = Service.of(request)
+    body = await read_training_body(service, request, SaveWeightsRequest)
+
+    async def prepare(model: LiveModel) -> Start:
+        return _save(
+            service,
+            model,
+            _checkpoint_ref(model, "weights", body.path),
+            with_optimizer=True,
+            overwrite=body.overwrite,
+            ttl_seconds=body.ttl_seconds,
+            user_metadata=body.user_metadata,
+            respond=lambda path: SaveWeightsResponse(path=path),
+        )
+
+    return await submit_sequenced(service, body.model_id, body.seq_id, prepare)
+
+
+async def save_weights_for_sampler(request: Request) -> Response:
+    """Named: a `sampler_weights` checkpoint on disk. Without a name: a new sampler on a
+    frozen copy of the current weights (`save_weights_and_get_sampling_client`)."""
+    service = Service.of(request)
+    body = await read_training_body(service, request, SaveWeightsForSamplerRequest)
+
+    async def prepare(model: LiveModel) -> Start:
+        if body.path is not None:
+            return _save(
+                service,
+                model,
+                _checkpoint_ref(model, "sampler_weights", body.path),
+                with_optimizer=False,
+                overwrite=False,
+                ttl_seconds=body.ttl_seconds,
+                user_metadata=body.user_metadata,
+                respond=lambda path: SaveWeightsForSamplerResponse(path=path),
+            )
+        if body.sampling_session_seq_id is None:
+            raise InputError("save_weights_for_sampler needs a path (name) or a sampling_session_seq_id")
+        return _snapshot(service, model, sampler_id_for(model.session_id, body.sampling_session_seq_id))
+
+    return await submit_sequenced(service, body.model_id, body.seq_id, prepare)
+
+
+def _snapshot(service: Service, model: LiveModel, sampler_id: str) -> Start:
+    if sampler_id in service.samplers or service.store.get_sampler(sampler_id) is not None:
+        raise InputError(f"sampling session {sampler_id!r} already exists")
+    sampler = LiveSampler(sampler_id, model.session_id, model.base_model)
+    service.samplers[sampler_id] = sampler
+
+    def run(e: EngineAPI) -> None:
+        sampler.slot = e.snapshot_adapter(model.require_slot())
+
+    def finish(_: None) -> msgspec.Struct:
+        service.store.put_sampler(SamplerRecord(sampler_id, model.session_id, model.base_model, utc_now()))
+        return SaveWeightsForSamplerResponse(sampling_session_id=sampler_id)
+
+    def failed(_: BaseException) -> None:
+        service.samplers.pop(sampler_id, None)
+
+    return lambda: then(service.workers[model.base_model].call(run), finish, failed)
+
+
+async def save_weights_external(request: Request) -> Response:
+    """Refused, but through the sequencer so the model's seq_id stays consumed."""
+    service = Service.of(request)
+    body = await read_training_body(service, request, SaveWeightsExternalRequest)
+
+    async def prepare(_: LiveModel) -> Start:
+        raise InputError("save_weights_external is not supported by this server")
+
+    return await submit_sequenced(service, body.model_id, body.seq_id, prepare)
+
+
+routes = [
+    Route("/api/v1/create_model", create_model, methods=["POST"]),
+    Route("/api/v1/get_info", get_info, methods=["POST"]),
+    Route("/api/v1/load_weights", load_weights, methods=["POST"]),
+    Route("/api/v1/forward_backward", forward_backward, methods=["POST"]),
+    Route("/api/v1/optim_step", optim_step, methods=["POST"]),
+    Route("/api/v1/save_weights", save_weights, methods=["POST"]),
+    Route("/api/v1/save_weights_for_sampler", save_weights_for_sampler, methods=["POST"]),
+    Route("/api/v1/save_weights_external", save_weights_external, methods=["POST"]),
+]

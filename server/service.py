@@ -1,0 +1,167 @@
+"""The service's shared state and the operations several route modules need."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from starlette.requests import Request
+
+from server.config import ServerOptions
+from server.engine_api import EngineAPI
+from server.errors import NotFound
+from server.futures import FutureRegistry
+from server.paths import CheckpointRef
+from server.runtime import BASE_MODEL_SLOT, LiveModel, LiveSampler
+from server.sequencer import Sequencer
+from server.sessions import Sessions
+from server.store import Store
+from server.worker import EngineWorker
+from tuft_jax.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def then(
+    outcome: asyncio.Future[T],
+    finish: Callable[[T], R],
+    on_error: Callable[[BaseException], None] | None = None,
+) -> asyncio.Future[R]:
+    """A future of `finish(result)`, run on the event loop once `outcome` succeeds."""
+    chained: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+
+    def done(fut: asyncio.Future[T]) -> None:
+        exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        if exc is not None:
+            if on_error is not None:
+                on_error(exc)
+            chained.set_exception(exc)
+            return
+        try:
+            chained.set_result(finish(fut.result()))
+        except Exception as finish_exc:
+            chained.set_exception(finish_exc)
+
+    outcome.add_done_callback(done)
+    return chained
+
+
+@dataclass
+class Service:
+    engines: dict[str, EngineAPI]
+    checkpoint_dir: Path
+    options: ServerOptions
+    store: Store
+    futures: FutureRegistry
+    sessions: Sessions
+    sequencer: Sequencer = field(default_factory=Sequencer)
+    workers: dict[str, EngineWorker] = field(init=False)
+    models: dict[str, LiveModel] = field(default_factory=dict)
+    samplers: dict[str, LiveSampler] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.workers = {
+            name: EngineWorker(engine, max_batch_datums=self.options.max_batch_datums)
+            for name, engine in self.engines.items()
+        }
+
+    @staticmethod
+    def of(request: Request) -> Service:
+        return request.app.state.service
+
+    # ---- lookups ---------------------------------------------------------------------------
+
+    def engine(self, base_model: str) -> EngineAPI:
+        engine = self.engines.get(base_model)
+        if engine is None:
+            raise InputError(f"unknown base model {base_model!r}; this server serves {', '.join(self.engines)}")
+        return engine
+
+    def model(self, model_id: str) -> LiveModel:
+        model = self.models.get(model_id)
+        if model is None:
+            raise NotFound(f"unknown model_id {model_id!r} (or its session has ended)")
+        return model
+
+    def sampler(self, sampler_id: str) -> LiveSampler:
+        sampler = self.samplers.get(sampler_id)
+        if sampler is None:
+            raise NotFound(f"unknown sampling session {sampler_id!r} (or its session has ended)")
+        return sampler
+
+    def checkpoint_directory(self, ref: CheckpointRef) -> Path:
+        directory = ref.directory(self.checkpoint_dir)
+        if not directory.is_dir():
+            raise NotFound(f"checkpoint {ref.tinker_path} does not exist")
+        return directory
+
+    def engine_for_checkpoint(self, ref: CheckpointRef, requested: str | None) -> EngineAPI:
+        """The engine a checkpoint belongs on: as requested, else its training run's base model."""
+        if requested is not None:
+            return self.engine(requested)
+        run = self.store.get_training_run(ref.model_id)
+        if run is not None:
+            return self.engine(run.base_model)
+        if len(self.engines) == 1:
+            return next(iter(self.engines.values()))
+        raise InputError(f"cannot tell which base model {ref.tinker_path} belongs to; pass base_model")
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def add_model(self, model: LiveModel) -> None:
+        self.models[model.model_id] = model
+        self.sequencer.add_model(model.model_id)
+
+    def forget_model(self, model_id: str, reason: str) -> None:
+        """Drop a model from routing; requests still waiting on its order fail with `reason`."""
+        self.models.pop(model_id, None)
+        for request_id in self.sequencer.remove_model(model_id):
+            self.futures.fail(request_id, InputError(reason))
+
+    def end_session(self, session_id: str, reason: str) -> None:
+        """Finish a session and free the adapter slots of its models and samplers."""
+        if not self.sessions.finish(session_id, reason):
+            return
+        for model in [m for m in self.models.values() if m.session_id == session_id]:
+            self.forget_model(model.model_id, f"model {model.model_id!r} was released: its session ended")
+            self._release_slot(model.base_model, lambda m=model: m.slot)
+        for sampler in [s for s in self.samplers.values() if s.session_id == session_id]:
+            del self.samplers[sampler.sampler_id]
+            self._release_slot(sampler.base_model, lambda s=sampler: s.slot)
+
+    def _release_slot(self, base_model: str, slot: Callable[[], int | None]) -> None:
+        """Free a slot after the jobs already queued for it; `slot` is read on the worker thread."""
+
+        def release(engine: EngineAPI) -> None:
+            current = slot()
+            if current is not None and current != BASE_MODEL_SLOT:
+                engine.release_adapter(current)
+
+        self.workers[base_model].call(release).add_done_callback(_log_failure)
+
+    def sweep(self) -> None:
+        """End sessions that stopped heartbeating and drop old results."""
+        for session_id in self.sessions.expired():
+            logger.info("session %s expired (no heartbeat)", session_id)
+            self.end_session(session_id, "expired")
+        self.futures.collect_garbage()
+
+    def start(self) -> None:
+        for worker in self.workers.values():
+            worker.start()
+
+    def stop(self) -> None:
+        for worker in self.workers.values():
+            worker.stop()
+
+
+def _log_failure(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        logger.error("releasing an adapter failed", exc_info=fut.exception())

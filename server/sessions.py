@@ -1,0 +1,83 @@
+"""Client sessions: creation, heartbeats, finishing and expiry, and the ids derived from them.
+
+The SDK computes training model ids itself (`{session_id}:train:{model_seq_id}`) when it
+creates a model from a checkpoint, so these formats are part of the protocol.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from server.errors import Gone, NotFound
+from server.store import SessionRecord, Store
+from server.wire.types import CreateSessionRequest
+
+OWNER = "local"
+"""Owner reported for every run until API keys identify users."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def model_id_for(session_id: str, model_seq_id: int) -> str:
+    return f"{session_id}:train:{model_seq_id}"
+
+
+def sampler_id_for(session_id: str, sampling_session_seq_id: int) -> str:
+    return f"{session_id}:sample:{sampling_session_seq_id}"
+
+
+class Sessions:
+    def __init__(self, store: Store, *, timeout_s: float, clock: Callable[[], datetime] = utc_now) -> None:
+        self._store = store
+        self._timeout = timedelta(seconds=timeout_s)
+        self._clock = clock
+
+    def create(self, request: CreateSessionRequest) -> SessionRecord:
+        now = self._clock()
+        record = SessionRecord(
+            session_id=str(uuid.uuid4()),
+            owner=OWNER,
+            created_at=now,
+            last_heartbeat=now,
+            sdk_version=request.sdk_version,
+            tags=tuple(request.tags),
+            user_metadata=request.user_metadata,
+            project_id=request.project_id,
+            display_name=request.display_name,
+        )
+        self._store.put_session(record)
+        return record
+
+    def get(self, session_id: str) -> SessionRecord:
+        record = self._store.get_session(session_id)
+        if record is None:
+            raise NotFound(f"unknown session {session_id!r}")
+        return record
+
+    def require_active(self, session_id: str) -> SessionRecord:
+        record = self.get(session_id)
+        if record.finished is not None:
+            raise Gone(f"session {session_id!r} has ended ({record.finished})")
+        return record
+
+    def heartbeat(self, session_id: str) -> None:
+        record = self.require_active(session_id)
+        self._store.put_session(replace(record, last_heartbeat=self._clock()))
+
+    def finish(self, session_id: str, reason: str) -> bool:
+        """End an active session; False if it had already ended."""
+        record = self.get(session_id)
+        if record.finished is not None:
+            return False
+        self._store.put_session(replace(record, finished=reason))
+        return True
+
+    def expired(self) -> list[str]:
+        """Active sessions whose client stopped heartbeating."""
+        cutoff = self._clock() - self._timeout
+        return [s.session_id for s in self._store.active_sessions() if s.last_heartbeat < cutoff]

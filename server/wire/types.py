@@ -1,0 +1,323 @@
+"""JSON bodies of the Tinker HTTP API (SDK 0.38.0), as msgspec Structs.
+
+Requests ignore unknown fields (the SDK adds fields over time and always sends `type`).
+Responses omit fields left at their default, so `None` never reaches the SDK's pydantic
+models; fields the SDK requires have no default and are therefore always present. A `type`
+discriminator the SDK inspects (`try_again`) is a struct tag, which is always encoded.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+
+class Request(msgspec.Struct, kw_only=True):
+    """Base for request bodies: unknown fields are ignored."""
+
+
+class Response(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Base for response bodies: defaults (None, False, ...) are left out."""
+
+
+# ---- bootstrap and sessions -----------------------------------------------------------------
+
+
+class CreateSessionRequest(Request):
+    tags: list[str] = []
+    user_metadata: dict[str, Any] | None = None
+    sdk_version: str = ""
+    project_id: str | None = None
+    display_name: str | None = None
+
+
+class CreateSessionResponse(Response, tag_field="type", tag="create_session"):
+    session_id: str
+
+
+class SessionHeartbeatRequest(Request):
+    session_id: str
+
+
+class SessionHeartbeatResponse(Response, tag_field="type", tag="session_heartbeat"):
+    pass
+
+
+class FinishReason(Request):
+    type: str = "success"
+
+
+class SessionFinishRequest(Request):
+    reason: FinishReason | None = None
+    detail: str | None = None
+
+
+class SupportedModel(Response):
+    model_name: str
+    max_context_length: int
+    trainable: bool
+    sampleable: bool
+
+
+class GetServerCapabilitiesResponse(Response):
+    supported_models: list[SupportedModel]
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+
+class LoraConfigBody(Request):
+    rank: int
+    seed: int | None = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+
+class OptimizerConfigBody(Request):
+    type: str = "adamw"
+
+
+class CreateModelRequest(Request):
+    session_id: str
+    model_seq_id: int
+    base_model: str
+    user_metadata: dict[str, Any] | None = None
+    lora_config: LoraConfigBody | None = None
+    optimizer_config: OptimizerConfigBody | None = None
+
+
+class CreateModelResponse(Response, tag_field="type", tag="create_model"):
+    model_id: str
+
+
+class GetInfoRequest(Request):
+    model_id: str
+
+
+class ModelData(Response):
+    model_name: str
+    tokenizer_id: str
+
+
+class GetInfoResponse(Response, tag_field="type", tag="get_info"):
+    model_id: str
+    model_data: ModelData
+    model_name: str
+    is_lora: bool
+    lora_rank: int | None = None
+
+
+class LoadWeightsRequest(Request):
+    path: str
+    optimizer: bool
+    model_id: str | None = None
+    seq_id: int | None = None
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    base_model: str | None = None
+    user_metadata: dict[str, Any] | None = None
+    optimizer_config: OptimizerConfigBody | None = None
+
+
+class LoadWeightsResponse(Response, tag_field="type", tag="load_weights"):
+    path: str | None = None
+    model_id: str | None = None
+
+
+class AdamParamsBody(Request):
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+class OptimStepRequest(Request):
+    model_id: str
+    seq_id: int | None = None
+    adam_params: AdamParamsBody | None = None
+    optimizer_params: dict[str, Any] | None = None
+
+
+class OptimStepResponse(Response):
+    metrics: dict[str, float] | None = None
+
+
+class SaveWeightsRequest(Request):
+    model_id: str
+    path: str | None = None
+    seq_id: int | None = None
+    ttl_seconds: int | None = None
+    overwrite: bool = False
+    user_metadata: dict[str, str] | None = None
+
+
+class SaveWeightsResponse(Response, tag_field="type", tag="save_weights"):
+    path: str
+
+
+class SaveWeightsForSamplerRequest(Request):
+    model_id: str
+    path: str | None = None
+    sampling_session_seq_id: int | None = None
+    seq_id: int | None = None
+    ttl_seconds: int | None = None
+    user_metadata: dict[str, str] | None = None
+
+
+class SaveWeightsForSamplerResponse(Response, tag_field="type", tag="save_weights_for_sampler"):
+    path: str | None = None
+    sampling_session_id: str | None = None
+
+
+class SaveWeightsExternalRequest(Request):
+    model_id: str
+    seq_id: int | None = None
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+
+
+class CreateSamplingSessionRequest(Request):
+    session_id: str
+    sampling_session_seq_id: int
+    base_model: str | None = None
+    model_path: str | None = None
+
+
+class CreateSamplingSessionResponse(Response, tag_field="type", tag="create_sampling_session"):
+    sampling_session_id: str
+
+
+class GetSamplerResponse(Response):
+    sampler_id: str
+    base_model: str
+    model_path: str | None = None
+
+
+class ChunkBody(Request):
+    """One prompt chunk; only `encoded_text` carries tokens this text-only server can use."""
+
+    type: str
+    tokens: list[int] | None = None
+
+
+class ModelInputBody(Request):
+    chunks: list[ChunkBody]
+
+
+class SamplingParamsBody(Request):
+    """`stop` omitted keeps the implicit EOS stop; `[]` disables every stop."""
+
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str | int] | None = None
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+
+
+class SampleRequest(Request):
+    prompt: ModelInputBody
+    sampling_params: SamplingParamsBody
+    num_samples: int = 1
+    sampling_session_id: str | None = None
+    seq_id: int | None = None
+    prompt_logprobs: bool | None = None
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    prompt_alt_tokens_k: int = 0
+    target_prompt_logprobs: dict[str, Any] | None = None
+    prompt_logprobs_last_n: int | None = None
+
+
+# ---- futures ----------------------------------------------------------------------------------
+
+
+class UntypedAPIFuture(Response):
+    request_id: str
+    model_id: str | None = None
+    sample_sequence_ids: list[str] | None = None
+
+
+class FutureRetrieveRequest(Request):
+    request_id: str
+
+
+class TryAgainResponse(Response, tag_field="type", tag="try_again"):
+    request_id: str
+    queue_state: Literal["active", "paused_capacity", "paused_rate_limit"]
+
+
+class RequestFailedResponse(Response):
+    error: str
+    category: Literal["user", "server"]
+
+
+# ---- REST -------------------------------------------------------------------------------------
+
+
+class Cursor(Response):
+    offset: int
+    limit: int
+    total_count: int
+
+
+class Checkpoint(Response):
+    checkpoint_id: str
+    checkpoint_type: Literal["training", "sampler"]
+    time: datetime
+    tinker_path: str
+    size_bytes: int | None = None
+    user_metadata: dict[str, str] | None = None
+    expires_at: datetime | None = None
+
+
+class CheckpointsListResponse(Response):
+    checkpoints: list[Checkpoint]
+    cursor: Cursor | None = None
+
+
+class TrainingRun(Response):
+    training_run_id: str
+    base_model: str
+    model_owner: str
+    is_lora: bool
+    last_request_time: datetime
+    lora_rank: int | None = None
+    last_checkpoint: Checkpoint | None = None
+    last_sampler_checkpoint: Checkpoint | None = None
+    user_metadata: dict[str, str] | None = None
+
+
+class TrainingRunsResponse(Response):
+    training_runs: list[TrainingRun]
+    cursor: Cursor
+
+
+class WeightsInfoRequest(Request):
+    tinker_path: str
+
+
+class WeightsInfoResponse(Response):
+    base_model: str
+    is_lora: bool
+    lora_rank: int | None = None
+    train_unembed: bool | None = None
+    train_mlp: bool | None = None
+    train_attn: bool | None = None
+
+
+class GetSessionResponse(Response):
+    training_run_ids: list[str]
+    sampler_ids: list[str]
+    user_metadata: dict[str, str] | None = None
+    display_name: str | None = None
+
+
+class ListSessionsResponse(Response):
+    sessions: list[str]

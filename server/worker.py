@@ -1,0 +1,169 @@
+"""One thread per engine that runs its (blocking) calls one at a time, in submission order.
+
+Results are handed back to the event loop with `call_soon_threadsafe`. Consecutive queued
+forward/forward_backward items of different models that share the loss function, its
+config and the mode are merged into one engine call, which is how several training runs
+share a step of the accelerator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from server.engine_api import EngineAPI
+from tuft_jax.types import Datum, ForwardResult
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class ForwardBackwardItem(Generic[T]):
+    """One model's share of a (possibly merged) forward_backward engine call."""
+
+    model_id: str
+    slot: Callable[[], int]
+    """Looked up on the worker thread, once the adapter's creation has run."""
+    data: list[Datum]
+    loss_fn: str
+    loss_config: dict[str, float]
+    forward_only: bool
+    finish: Callable[[ForwardResult], T]
+    """Turns the engine's result into the reply (e.g. protobuf); runs on the worker thread."""
+
+    @property
+    def batch_key(self) -> tuple[Any, ...]:
+        return (self.loss_fn, self.forward_only, tuple(sorted(self.loss_config.items())))
+
+
+@dataclass
+class _Job:
+    work: Callable[[EngineAPI], Any] | ForwardBackwardItem[Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+class EngineWorker:
+    def __init__(self, engine: EngineAPI, *, max_batch_datums: int) -> None:
+        self.engine = engine
+        self._max_batch_datums = max_batch_datums
+        self._jobs: deque[_Job] = deque()
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"engine-{engine.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Finish the running call, abandon queued ones and end the thread."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def call(self, fn: Callable[[EngineAPI], T]) -> asyncio.Future[T]:
+        """Queue `fn(engine)`; must be called on the event loop that awaits the result."""
+        return self._submit(fn)
+
+    def forward_backward(self, item: ForwardBackwardItem[T]) -> asyncio.Future[T]:
+        return self._submit(item)
+
+    def _submit(self, work: Callable[[EngineAPI], Any] | ForwardBackwardItem[Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        job = _Job(work, loop.create_future(), loop)
+        with self._wakeup:
+            self._jobs.append(job)
+            self._wakeup.notify()
+        return job.future
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._jobs and not self._stopping:
+                    self._wakeup.wait()
+                if self._stopping:
+                    return
+                batch = self._take_batch()
+            if isinstance(batch[0].work, ForwardBackwardItem):
+                self._run_forward_backward(batch)
+            else:
+                job = batch[0]
+                try:
+                    _resolve(job, job.work(self.engine), None)
+                except Exception as exc:
+                    _resolve(job, None, exc)
+
+    def _take_batch(self) -> list[_Job]:
+        """The next job, plus the compatible forward_backward items queued right behind it."""
+        batch = [self._jobs.popleft()]
+        first = batch[0].work
+        if not isinstance(first, ForwardBackwardItem):
+            return batch
+        models, datums = {first.model_id}, len(first.data)
+        while self._jobs:
+            item = self._jobs[0].work
+            if (
+                not isinstance(item, ForwardBackwardItem)
+                or item.batch_key != first.batch_key
+                or item.model_id in models
+                or datums + len(item.data) > self._max_batch_datums
+            ):
+                break
+            batch.append(self._jobs.popleft())
+            models.add(item.model_id)
+            datums += len(item.data)
+        return batch
+
+    def _run_forward_backward(self, batch: list[_Job]) -> None:
+        ready: list[tuple[_Job, ForwardBackwardItem[Any], int]] = []
+        for job in batch:
+            item = job.work
+            assert isinstance(item, ForwardBackwardItem)
+            try:
+                ready.append((job, item, item.slot()))
+            except Exception as exc:
+                _resolve(job, None, exc)
+        if not ready:
+            return
+        first = ready[0][1]
+        try:
+            results = self.engine.forward_backward(
+                [(slot, item.data) for _, item, slot in ready], first.loss_fn, first.loss_config, first.forward_only
+            )
+            if len(results) != len(ready):
+                raise RuntimeError(f"engine returned {len(results)} results for {len(ready)} batch items")
+        except Exception as exc:
+            for job, _, _ in ready:
+                _resolve(job, None, exc)
+            return
+        for (job, item, _), result in zip(ready, results, strict=True):
+            try:
+                _resolve(job, item.finish(result), None)
+            except Exception as exc:
+                _resolve(job, None, exc)
+
+
+def _resolve(job: _Job, value: Any, exc: Exception | None) -> None:
+    """Complete the job's future on its event loop (a no-op if the caller gave up on it)."""
+
+    def settle() -> None:
+        if job.future.done():
+            return
+        if exc is None:
+            job.future.set_result(value)
+        else:
+            job.future.set_exception(exc)
+
+    try:
+        job.loop.call_soon_threadsafe(settle)
+    except RuntimeError:
+        logger.warning("event loop closed before an engine result could be delivered")
