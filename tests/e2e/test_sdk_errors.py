@@ -14,12 +14,12 @@ BASE_MODEL = "tuft/tiny-qwen3"
 def service(server_url: str) -> tinker.ServiceClient:
     client = tinker.ServiceClient(base_url=server_url, api_key="tml-e2e-errors")
     yield client
-    client.close()
+    client.close("success")
 
 
 @pytest.fixture(scope="module")
 def training(service: tinker.ServiceClient) -> tinker.TrainingClient:
-    return service.create_lora_training_client(base_model=BASE_MODEL, rank=4)
+    return service.create_lora_training_client(base_model=BASE_MODEL, rank=4).result()
 
 
 def _datum(tokens: list[int], targets: list[int] | None = None, weights: list[float] | None = None) -> types.Datum:
@@ -30,7 +30,7 @@ def _datum(tokens: list[int], targets: list[int] | None = None, weights: list[fl
 
 def test_unknown_base_model_is_rejected(service: tinker.ServiceClient) -> None:
     with pytest.raises((tinker.BadRequestError, tinker.NotFoundError)) as info:
-        service.create_lora_training_client(base_model="no/such-model", rank=4)
+        service.create_lora_training_client(base_model="no/such-model", rank=4).result()
     assert "no/such-model" in str(info.value)
 
 

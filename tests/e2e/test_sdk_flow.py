@@ -18,12 +18,12 @@ TEXT = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps o
 def service(server_url: str) -> tinker.ServiceClient:
     client = tinker.ServiceClient(base_url=server_url, api_key="tml-e2e-test-key")
     yield client
-    client.close()
+    client.close("success")
 
 
 @pytest.fixture(scope="module")
 def training(service: tinker.ServiceClient) -> tinker.TrainingClient:
-    return service.create_lora_training_client(base_model=BASE_MODEL, rank=8)
+    return service.create_lora_training_client(base_model=BASE_MODEL, rank=8).result()
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_train_save_and_sample(service: tinker.ServiceClient, training: tinker.T
     session = service.create_rest_client().get_session(session_id).result()
     assert training.model_id in session.training_run_ids
 
-    sampler = service.create_sampling_client(model_path=sampler_path)
+    sampler = service.create_sampling_client(model_path=sampler_path).result()
     prompt = types.ModelInput.from_ints(tokens[:6])
     params = types.SamplingParams(max_tokens=8, temperature=1.0, seed=7)
     response = sampler.sample(prompt=prompt, num_samples=2, sampling_params=params).result()
@@ -84,7 +84,7 @@ def test_train_save_and_sample(service: tinker.ServiceClient, training: tinker.T
 
 def test_compute_logprobs_match_forward(service: tinker.ServiceClient, training: tinker.TrainingClient, tokenizer) -> None:
     tokens = tokenizer.encode(TEXT)[:12]
-    sampler = training.save_weights_and_get_sampling_client()
+    sampler = training.save_weights_and_get_sampling_client().result()
     prompt_logprobs = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
     assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(tokens)
     forward = training.forward([_datum(tokens)], "cross_entropy").result()
