@@ -23,7 +23,7 @@ def service(server_url: str) -> tinker.ServiceClient:
 
 @pytest.fixture(scope="module")
 def training(service: tinker.ServiceClient) -> tinker.TrainingClient:
-    return service.create_lora_training_client(base_model=BASE_MODEL, rank=8).result()
+    return service.create_lora_training_client(base_model=BASE_MODEL, rank=8, seed=0).result()
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +47,14 @@ def test_train_save_and_sample(service: tinker.ServiceClient, training: tinker.T
     tokens = tokenizer.encode(TEXT)
     datum = _datum(tokens)
     losses = []
-    for _ in range(5):
+    for _ in range(10):
         result = training.forward_backward([datum], "cross_entropy").result()
         training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
         losses.append(result.metrics["loss:sum"])
         logprobs = result.loss_fn_outputs[0]["logprobs"].to_numpy()
         assert logprobs.shape == (len(tokens) - 1,)
         assert math.isclose(-float(logprobs.sum()), result.metrics["loss:sum"], rel_tol=1e-4)
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 0.1 * losses[0], losses
 
     state_path = training.save_state("e2e-state").result().path
     sampler_path = training.save_weights_for_sampler("e2e-sampler").result().path
