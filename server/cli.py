@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model-config", type=Path, default=None, help="models.yaml; without it the built-in tiny model is served"
     )
     parser.add_argument(
-        "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the built-in model is generated"
+        "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the built-in model and the JAX compilation cache live"
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
@@ -33,10 +33,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Imported here so `tuft --help` answers without loading JAX.
     from server.app import build_app
+    from tuft_jax.compile_cache import enable_compilation_cache
     from tuft_jax.engine import Engine
     from tuft_jax.model_registry import load_model_specs
 
-    specs = load_model_specs(args.model_config, args.cache_dir.expanduser())
+    cache_dir = args.cache_dir.expanduser()
+    enable_compilation_cache(cache_dir / "jax-compilation-cache")
+    specs = load_model_specs(args.model_config, cache_dir)
     engines = {}
     for spec in specs:
         logging.getLogger(__name__).info("loading base model %s from %s", spec.name, spec.path)
