@@ -11,6 +11,8 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
+from server import checkpoint_files
+from server.api_keys import ApiKeyAuth
 from server.auth import RequireApiKey
 from server.config import ServerOptions
 from server.engine_api import EngineAPI
@@ -18,8 +20,9 @@ from server.errors import EXCEPTION_HANDLERS, UnexpectedErrorMiddleware
 from server.futures import FutureRegistry
 from server.routes import bootstrap, futures, rest, sampling, training
 from server.service import Service
-from server.sessions import Sessions
-from server.store import MemoryStore, Store
+from server.sessions import Sessions, utc_now
+from server.store import Store
+from server.store_sql import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -31,21 +34,31 @@ def build_app(
     options: ServerOptions | None = None,
     store: Store | None = None,
 ) -> Starlette:
-    """An app serving `engines` (keyed by base model name); engine workers run while it is up."""
+    """An app serving `engines` (keyed by base model name); engine workers run while it is up.
+
+    Metadata goes to `store`, by default the SQLite database `{checkpoint_dir}/tuft.db`.
+    """
     options = options or ServerOptions()
-    store = store or MemoryStore()
+    if store is None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        store = open_store(None, checkpoint_dir)
     service = Service(
         engines=engines,
         checkpoint_dir=checkpoint_dir,
         options=options,
         store=store,
-        futures=FutureRegistry(ttl_s=options.future_ttl_s),
+        futures=FutureRegistry(ttl_s=options.future_ttl_s, journal=store),
         sessions=Sessions(store, timeout_s=options.session_timeout_s),
     )
+    keys = ApiKeyAuth(store, options.auth, cache_s=options.auth_cache_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        service.recover()
+        await asyncio.to_thread(checkpoint_files.recover, store, checkpoint_dir)
+        if options.auth == "required" and not store.has_active_api_keys():
+            logger.warning("--auth required but no API key exists: every request will be refused (tuft api-key create)")
         service.start()
         sweeper = asyncio.create_task(_sweep_forever(service))
         try:
@@ -56,7 +69,7 @@ def build_app(
 
     app = Starlette(
         routes=[*bootstrap.routes, *training.routes, *sampling.routes, *futures.routes, *rest.routes],
-        middleware=[Middleware(UnexpectedErrorMiddleware), Middleware(RequireApiKey)],
+        middleware=[Middleware(UnexpectedErrorMiddleware), Middleware(RequireApiKey, keys=keys)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
@@ -69,5 +82,6 @@ async def _sweep_forever(service: Service) -> None:
         await asyncio.sleep(service.options.sweep_interval_s)
         try:
             service.sweep()
+            await asyncio.to_thread(checkpoint_files.delete_expired, service.store, service.checkpoint_dir, utc_now())
         except Exception:
             logger.exception("periodic cleanup failed")

@@ -1,22 +1,52 @@
-"""`tuft` console script: load the configured base models and serve the Tinker API."""
+"""`tuft` console script: serve the Tinker API, and manage API keys.
+
+    tuft [serve] [--port 8080] [--checkpoint-dir DIR] [--db URL] [--auth auto|required|open] ...
+    tuft api-key create --name NAME [--db URL | --checkpoint-dir DIR]
+    tuft api-key list    [--db URL | --checkpoint-dir DIR]
+    tuft api-key revoke KEY_ID [--db URL | --checkpoint-dir DIR]
+
+Metadata (sessions, runs, checkpoints, keys, request status) lives in the database given by
+`--db`: `sqlite:///relative.db`, `sqlite:////absolute/path.db` or `postgresql://...` (needs
+psycopg). Without `--db` it is the SQLite file `{checkpoint-dir}/tuft.db`, so the server and
+the key commands find the same database from the same `--checkpoint-dir`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
-import uvicorn
-
 DEFAULT_CACHE_DIR = Path("~/.cache/tuft")
+DEFAULT_CHECKPOINT_DIR = DEFAULT_CACHE_DIR / "checkpoints"
+
+
+def _add_database_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint-dir", type=Path, default=DEFAULT_CHECKPOINT_DIR, help="where checkpoints are written"
+    )
+    parser.add_argument(
+        "--db",
+        default=None,
+        metavar="URL",
+        help="metadata database: sqlite:///path.db or postgresql://user@host/db (default: {checkpoint-dir}/tuft.db)",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from server.api_keys import AUTH_MODES
+
     parser = argparse.ArgumentParser(prog="tuft", description="Tinker-compatible LoRA fine-tuning service on JAX")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
+    _add_database_args(parser)
     parser.add_argument(
-        "--checkpoint-dir", type=Path, default=DEFAULT_CACHE_DIR / "checkpoints", help="where checkpoints are written"
+        "--auth",
+        choices=AUTH_MODES,
+        default="auto",
+        help="auto (default): any tml- key works until an API key is created, then only created keys; "
+        "required: only created keys; open: any key (each key is its own tenant)",
     )
     parser.add_argument(
         "--model-config", type=Path, default=None, help="models.yaml; without it the built-in tiny model is served"
@@ -28,11 +58,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _open_store(args: argparse.Namespace):
+    from server.store_sql import StoreError, open_store
+
+    try:
+        return open_store(args.db, args.checkpoint_dir.expanduser())
+    except StoreError as exc:
+        sys.exit(f"tuft: {exc}")
+
+
+def serve(argv: list[str]) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    checkpoint_dir = args.checkpoint_dir.expanduser()
+    store = _open_store(args)  # before loading models, so a bad --db fails at once
     # Imported here so `tuft --help` answers without loading JAX.
+    import uvicorn
+
     from server.app import build_app
+    from server.config import ServerOptions
     from tuft_jax.compile_cache import enable_compilation_cache
     from tuft_jax.engine import Engine
     from tuft_jax.model_registry import load_model_specs
@@ -44,5 +88,57 @@ def main(argv: list[str] | None = None) -> None:
     for spec in specs:
         logging.getLogger(__name__).info("loading base model %s from %s", spec.name, spec.path)
         engines[spec.name] = Engine(spec)
-    app = build_app(engines, args.checkpoint_dir.expanduser())
+    app = build_app(engines, checkpoint_dir, options=ServerOptions(auth=args.auth), store=store)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def api_key(argv: list[str]) -> None:
+    from server.api_keys import create_api_key
+
+    parser = argparse.ArgumentParser(prog="tuft api-key", description="manage the API keys this server accepts")
+    commands = parser.add_subparsers(dest="command", required=True)
+    create = commands.add_parser("create", help="create a key and print it (it is shown only once)")
+    create.add_argument("--name", required=True, help="what the key is for (shown by `list`)")
+    _add_database_args(create)
+    listing = commands.add_parser("list", help="list keys (ids and names; the keys themselves are not stored)")
+    _add_database_args(listing)
+    revoke = commands.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    _add_database_args(revoke)
+    args = parser.parse_args(argv)
+    store = _open_store(args)
+    try:
+        if args.command == "create":
+            try:
+                key, record = create_api_key(store, args.name)
+            except ValueError as exc:
+                sys.exit(f"tuft: {exc}")
+            print(key)
+            print(
+                f"created API key {record.key_id} ({record.name}). Store it now: it cannot be shown again. "
+                "The server now accepts only created keys (unless started with --auth open).",
+                file=sys.stderr,
+            )
+        elif args.command == "list":
+            for record in store.list_api_keys():
+                state = "active" if record.revoked_at is None else f"revoked {record.revoked_at:%Y-%m-%d %H:%M:%S}"
+                print(f"{record.key_id}\t{record.created_at:%Y-%m-%d %H:%M:%S}\t{state}\t{record.name}")
+        else:
+            from server.sessions import utc_now
+
+            key_id = args.key_id.removeprefix("tml-").split("-")[0]
+            if not store.revoke_api_key(key_id, utc_now()):
+                sys.exit(f"tuft: no active API key with id {key_id!r}")
+            print(f"revoked API key {key_id}", file=sys.stderr)
+    finally:
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["api-key"]:
+        api_key(argv[1:])
+    elif argv[:1] == ["serve"]:
+        serve(argv[1:])
+    else:
+        serve(argv)

@@ -1,8 +1,9 @@
 """Checkpoint names and `tinker://{model_id}/{kind}/{name}` paths, validated before touching disk.
 
 Names and paths come from clients and end up as directory names, so only a strict character
-set is accepted and `.`/`..` are refused: nothing a client sends can leave the checkpoint
-root. Checkpoints live at `{root}/{model_id}/{kind}/{name}`.
+set is accepted and nothing may start with `.` (which also refuses `.` and `..`): nothing a
+client sends can leave the checkpoint root, and dot-names stay reserved for the server's
+temporary directories. Checkpoints live at `{root}/{model_id}/{kind}/{name}`.
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ CheckpointType = Literal["training", "sampler"]
 TINKER_SCHEME = "tinker://"
 MAX_NAME_LENGTH = 200
 
-_NAME = re.compile(r"[A-Za-z0-9._-]+")
-_MODEL_ID = re.compile(r"[A-Za-z0-9._:-]+")
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+_MODEL_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._:-]*")
 _TYPES: dict[CheckpointKind, CheckpointType] = {"weights": "training", "sampler_weights": "sampler"}
 
 
 def _check_segment(value: str, pattern: re.Pattern[str], what: str) -> str:
-    if not pattern.fullmatch(value) or value in (".", "..") or len(value) > MAX_NAME_LENGTH:
+    if not isinstance(value, str) or len(value) > MAX_NAME_LENGTH or not pattern.fullmatch(value):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        allowed = "letters, digits, '_', '-', '.'" + (", ':'" if ":" in pattern.pattern else "")
         raise InputError(
-            f"invalid {what} {value!r}: use at most {MAX_NAME_LENGTH} characters from "
-            f"{pattern.pattern}, not '.' or '..'"
+            f"invalid {what} {shown}: use 1 to {MAX_NAME_LENGTH} of {allowed}, not starting with '.'"
         )
     return value
 

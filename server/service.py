@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
+from server.auth import visible_to_caller
 from server.config import ServerOptions
 from server.engine_api import EngineAPI
 from server.errors import NotFound
@@ -18,8 +19,8 @@ from server.futures import FutureRegistry
 from server.paths import CheckpointRef
 from server.runtime import BASE_MODEL_SLOT, LiveModel, LiveSampler
 from server.sequencer import Sequencer
-from server.sessions import Sessions
-from server.store import Store
+from server.sessions import Sessions, utc_now
+from server.store import CheckpointRecord, Store
 from server.worker import EngineWorker
 from tuft_jax.errors import InputError
 
@@ -65,10 +66,15 @@ class Service:
     workers: dict[str, EngineWorker] = field(init=False)
     models: dict[str, LiveModel] = field(default_factory=dict)
     samplers: dict[str, LiveSampler] = field(default_factory=dict)
+    _session_owners: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.workers = {
-            name: EngineWorker(engine, max_batch_datums=self.options.max_batch_datums)
+            name: EngineWorker(
+                engine,
+                max_batch_datums=self.options.max_batch_datums,
+                max_queued_sample_rows=self.options.max_queued_sample_rows,
+            )
             for name, engine in self.engines.items()
         }
 
@@ -84,34 +90,81 @@ class Service:
             raise InputError(f"unknown base model {base_model!r}; this server serves {', '.join(self.engines)}")
         return engine
 
+    def session_owner(self, session_id: str) -> str | None:
+        """Owner of a session (cached: it never changes), None if unknown."""
+        owner = self._session_owners.get(session_id)
+        if owner is None:
+            record = self.store.get_session(session_id)
+            if record is None:
+                return None
+            owner = self._session_owners[session_id] = record.owner
+        return owner
+
+    def _visible_session(self, session_id: str) -> bool:
+        owner = self.session_owner(session_id)
+        return owner is not None and visible_to_caller(owner)
+
     def model(self, model_id: str) -> LiveModel:
+        """A loaded training model of the caller; another tenant's is a 404, like a missing one."""
         model = self.models.get(model_id)
-        if model is None:
+        if model is None or not self._visible_session(model.session_id):
             raise NotFound(f"unknown model_id {model_id!r} (or its session has ended)")
         return model
 
     def sampler(self, sampler_id: str) -> LiveSampler:
         sampler = self.samplers.get(sampler_id)
-        if sampler is None:
+        if sampler is None or not self._visible_session(sampler.session_id):
             raise NotFound(f"unknown sampling session {sampler_id!r} (or its session has ended)")
         return sampler
 
+    def readable_checkpoint(self, ref: CheckpointRef) -> CheckpointRecord:
+        """A checkpoint the caller may read: its own or a public one, and not expired."""
+        record = self.store.get_checkpoint(ref)
+        if record is None or record.expired(utc_now()) or not (record.public or visible_to_caller(record.owner)):
+            raise NotFound(f"checkpoint {ref.tinker_path} does not exist")
+        return record
+
+    def owned_checkpoint(self, ref: CheckpointRef) -> CheckpointRecord:
+        """A checkpoint the caller owns (to delete, publish, set its TTL): public ones included."""
+        record = self.store.get_checkpoint(ref)
+        if record is None or record.expired(utc_now()) or not visible_to_caller(record.owner):
+            raise NotFound(f"checkpoint {ref.tinker_path} does not exist")
+        return record
+
     def checkpoint_directory(self, ref: CheckpointRef) -> Path:
+        """The directory of a checkpoint the caller may read (404 otherwise)."""
+        self.readable_checkpoint(ref)
         directory = ref.directory(self.checkpoint_dir)
         if not directory.is_dir():
             raise NotFound(f"checkpoint {ref.tinker_path} does not exist")
         return directory
 
     def engine_for_checkpoint(self, ref: CheckpointRef, requested: str | None) -> EngineAPI:
-        """The engine a checkpoint belongs on: as requested, else its training run's base model."""
-        if requested is not None:
-            return self.engine(requested)
-        run = self.store.get_training_run(ref.model_id)
-        if run is not None:
-            return self.engine(run.base_model)
-        if len(self.engines) == 1:
-            return next(iter(self.engines.values()))
-        raise InputError(f"cannot tell which base model {ref.tinker_path} belongs to; pass base_model")
+        """The engine a readable checkpoint loads on, after checking its recorded geometry (base
+        model, LoRA rank) against what this server serves: a mismatch is a 400, not a failed load."""
+        record = self.readable_checkpoint(ref)
+        trained_on = record.base_model
+        if trained_on and trained_on not in self.engines:
+            raise InputError(
+                f"checkpoint {ref.tinker_path} was trained on {trained_on!r}, which this server does not serve "
+                f"(it serves {', '.join(self.engines)})"
+            )
+        if requested is not None and trained_on and requested != trained_on:
+            raise InputError(
+                f"checkpoint {ref.tinker_path} was trained on {trained_on!r}; it cannot be loaded on {requested!r}"
+            )
+        name = requested or trained_on
+        if not name:
+            if len(self.engines) != 1:
+                raise InputError(f"cannot tell which base model {ref.tinker_path} belongs to; pass base_model")
+            name = next(iter(self.engines))
+        engine = self.engine(name)
+        if record.lora is not None and record.lora.rank > engine.max_lora_rank:
+            raise InputError(
+                f"checkpoint {ref.tinker_path} has LoRA rank {record.lora.rank}; {name!r} on this server "
+                f"allows at most {engine.max_lora_rank}"
+            )
+        return engine
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -145,6 +198,14 @@ class Service:
                 engine.release_adapter(current)
 
         self.workers[base_model].call(release).add_done_callback(_log_failure)
+
+    def recover(self) -> None:
+        """At startup: what a previous process left running is over. Its sessions are ended
+        (their adapters are gone; heartbeats now get 410) and its pending futures fail."""
+        ended = self.store.end_active_sessions("server_restarted")
+        failed = self.futures.recover()
+        if ended or failed:
+            logger.info("after restart: ended %d stale sessions, failed %d unfinished requests", ended, failed)
 
     def sweep(self) -> None:
         """End sessions that stopped heartbeating and drop old results."""

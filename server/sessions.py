@@ -11,12 +11,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+from server.auth import current_owner, visible_to_caller
 from server.errors import Gone, NotFound
 from server.store import SessionRecord, Store
 from server.wire.types import CreateSessionRequest
 
 OWNER = "local"
-"""Owner reported for every run until API keys identify users."""
+"""Owner of sessions created outside a request (tests, tools); requests use the caller's."""
 
 
 def utc_now() -> datetime:
@@ -41,7 +42,7 @@ class Sessions:
         now = self._clock()
         record = SessionRecord(
             session_id=str(uuid.uuid4()),
-            owner=OWNER,
+            owner=current_owner() or OWNER,
             created_at=now,
             last_heartbeat=now,
             sdk_version=request.sdk_version,
@@ -54,8 +55,9 @@ class Sessions:
         return record
 
     def get(self, session_id: str) -> SessionRecord:
+        """The session, if it exists and belongs to the caller (another tenant's is a 404)."""
         record = self._store.get_session(session_id)
-        if record is None:
+        if record is None or not visible_to_caller(record.owner):
             raise NotFound(f"unknown session {session_id!r}")
         return record
 

@@ -1,15 +1,18 @@
-"""Durable service records: sessions, training runs, samplers, checkpoints.
+"""Durable service records: sessions, training runs, samplers, checkpoints, API keys, futures.
 
-`Store` is the interface the service uses; `MemoryStore` keeps everything in dicts (a SQLite
-implementation will replace it). Both are used from the event loop thread only. Live engine
-state (adapter slots) is not here: it does not survive a restart.
+`Store` is the interface the service programs against; `server.store_sql.SqlStore` implements
+it on SQLite (the default, one file next to the checkpoints) or PostgreSQL. Live engine state
+(adapter slots, protobuf results) is not here: it does not survive a restart.
+
+Every record that a tenant can see carries an `owner` (an API key id, or in open mode a hash
+of the presented key); the routes compare it with the caller's before answering.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from server.paths import CheckpointRef
 from tuft_jax.types import LoraConfig
@@ -27,7 +30,8 @@ class SessionRecord:
     project_id: str | None = None
     display_name: str | None = None
     finished: str | None = None
-    """Why the session ended (`success`, `errored`, `interrupted`, `expired`); None while active."""
+    """Why the session ended (`success`, `errored`, `interrupted`, `expired`, `server_restarted`);
+    None while active."""
 
 
 @dataclass(frozen=True)
@@ -49,15 +53,52 @@ class SamplerRecord:
     base_model: str
     created_at: datetime
     model_path: str | None = None
+    owner: str = ""
+    """Empty means "the owner of `session_id`", filled in by the store."""
 
 
 @dataclass(frozen=True)
 class CheckpointRecord:
     ref: CheckpointRef
+    owner: str
     created_at: datetime
     size_bytes: int | None = None
     user_metadata: dict[str, str] | None = None
     expires_at: datetime | None = None
+    public: bool = False
+    base_model: str = ""
+    lora: LoraConfig | None = None
+    """Geometry of the saved adapter (rank, trained groups), checked before it is loaded."""
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    key_id: str
+    name: str
+    salt: str
+    """Hex; the key's secret part is stored only as sha256(salt + secret)."""
+    secret_hash: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+FutureStatus = Literal["pending", "done", "failed"]
+
+
+@dataclass(frozen=True)
+class FutureRecord:
+    request_id: str
+    owner: str
+    status: FutureStatus
+    created_at: datetime
+    completed_at: datetime | None = None
+    media_type: str | None = None
+    body: bytes | None = None
+    """The encoded result for JSON results and failures; None for protobuf results, which are
+    kept in memory only."""
 
 
 @dataclass(frozen=True)
@@ -69,89 +110,65 @@ class Page:
 
 
 class Store(Protocol):
+    # ---- sessions ----
     def put_session(self, record: SessionRecord) -> None: ...
     def get_session(self, session_id: str) -> SessionRecord | None: ...
-    def list_sessions(self, *, limit: int, offset: int) -> Page: ...
+    def list_sessions(self, *, owner: str | None = None, limit: int | None = None, offset: int = 0) -> Page: ...
     def active_sessions(self) -> list[SessionRecord]: ...
+    def end_active_sessions(self, reason: str) -> int: ...
 
+    # ---- training runs ----
     def put_training_run(self, record: TrainingRunRecord) -> None: ...
     def get_training_run(self, model_id: str) -> TrainingRunRecord | None: ...
-    def list_training_runs(self, *, limit: int, offset: int) -> Page: ...
+    def list_training_runs(
+        self,
+        *,
+        owner: str | None = None,
+        include_public: datetime | None = None,
+        project_id: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> Page: ...
     def session_training_runs(self, session_id: str) -> list[TrainingRunRecord]: ...
     def touch_training_run(self, model_id: str, when: datetime) -> None: ...
 
+    # ---- samplers ----
     def put_sampler(self, record: SamplerRecord) -> None: ...
     def get_sampler(self, sampler_id: str) -> SamplerRecord | None: ...
     def session_samplers(self, session_id: str) -> list[SamplerRecord]: ...
 
+    # ---- checkpoints ----
     def put_checkpoint(self, record: CheckpointRecord) -> None: ...
     def get_checkpoint(self, ref: CheckpointRef) -> CheckpointRecord | None: ...
-    def list_checkpoints(self, *, model_id: str | None = None, limit: int | None = None, offset: int = 0) -> Page: ...
+    def list_checkpoints(
+        self,
+        *,
+        model_id: str | None = None,
+        owner: str | None = None,
+        public: bool | None = None,
+        alive_at: datetime | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> Page: ...
     def delete_checkpoint(self, ref: CheckpointRef) -> None: ...
+    def set_checkpoint_public(self, ref: CheckpointRef, public: bool) -> None: ...
+    def set_checkpoint_expiry(self, ref: CheckpointRef, expires_at: datetime | None) -> None: ...
+    def expired_checkpoints(self, now: datetime) -> list[CheckpointRecord]: ...
 
+    # ---- API keys ----
+    def add_api_key(self, record: ApiKeyRecord) -> None: ...
+    def get_api_key(self, key_id: str) -> ApiKeyRecord | None: ...
+    def list_api_keys(self) -> list[ApiKeyRecord]: ...
+    def revoke_api_key(self, key_id: str, when: datetime) -> bool: ...
+    def has_active_api_keys(self) -> bool: ...
 
-def _page(items: list[Any], limit: int | None, offset: int) -> Page:
-    end = None if limit is None else offset + limit
-    return Page(items[offset:end], len(items))
+    # ---- futures ----
+    def add_future(self, request_id: str, owner: str, created_at: datetime) -> None: ...
+    def finish_future(
+        self, request_id: str, status: FutureStatus, media_type: str, body: bytes | None, completed_at: datetime
+    ) -> None: ...
+    def get_future(self, request_id: str) -> FutureRecord | None: ...
+    def fail_pending_futures(self, body: bytes, when: datetime) -> int: ...
+    def delete_futures_before(self, cutoff: datetime) -> int: ...
 
-
-class MemoryStore:
-    """`Store` in process memory; listings come back in creation order."""
-
-    def __init__(self) -> None:
-        self._sessions: dict[str, SessionRecord] = {}
-        self._runs: dict[str, TrainingRunRecord] = {}
-        self._samplers: dict[str, SamplerRecord] = {}
-        self._checkpoints: dict[CheckpointRef, CheckpointRecord] = {}
-
-    def put_session(self, record: SessionRecord) -> None:
-        self._sessions[record.session_id] = record
-
-    def get_session(self, session_id: str) -> SessionRecord | None:
-        return self._sessions.get(session_id)
-
-    def list_sessions(self, *, limit: int, offset: int) -> Page:
-        return _page(list(self._sessions.values()), limit, offset)
-
-    def active_sessions(self) -> list[SessionRecord]:
-        return [s for s in self._sessions.values() if s.finished is None]
-
-    def put_training_run(self, record: TrainingRunRecord) -> None:
-        self._runs[record.model_id] = record
-
-    def get_training_run(self, model_id: str) -> TrainingRunRecord | None:
-        return self._runs.get(model_id)
-
-    def list_training_runs(self, *, limit: int, offset: int) -> Page:
-        return _page(list(self._runs.values()), limit, offset)
-
-    def session_training_runs(self, session_id: str) -> list[TrainingRunRecord]:
-        return [r for r in self._runs.values() if r.session_id == session_id]
-
-    def touch_training_run(self, model_id: str, when: datetime) -> None:
-        record = self._runs.get(model_id)
-        if record is not None:
-            self._runs[model_id] = replace(record, last_request_time=when)
-
-    def put_sampler(self, record: SamplerRecord) -> None:
-        self._samplers[record.sampler_id] = record
-
-    def get_sampler(self, sampler_id: str) -> SamplerRecord | None:
-        return self._samplers.get(sampler_id)
-
-    def session_samplers(self, session_id: str) -> list[SamplerRecord]:
-        return [s for s in self._samplers.values() if s.session_id == session_id]
-
-    def put_checkpoint(self, record: CheckpointRecord) -> None:
-        self._checkpoints.pop(record.ref, None)  # an overwrite moves to the end, like a new one
-        self._checkpoints[record.ref] = record
-
-    def get_checkpoint(self, ref: CheckpointRef) -> CheckpointRecord | None:
-        return self._checkpoints.get(ref)
-
-    def list_checkpoints(self, *, model_id: str | None = None, limit: int | None = None, offset: int = 0) -> Page:
-        items = [c for c in self._checkpoints.values() if model_id is None or c.ref.model_id == model_id]
-        return _page(items, limit, offset)
-
-    def delete_checkpoint(self, ref: CheckpointRef) -> None:
-        self._checkpoints.pop(ref, None)
+    def close(self) -> None: ...

@@ -1,19 +1,35 @@
-"""REST views of sessions, training runs, checkpoints and samplers (`RestClient`)."""
+"""REST views of sessions, training runs, checkpoints and samplers (`RestClient`), plus
+checkpoint management (delete, publish/unpublish, TTL) and archive downloads.
+
+Everything is scoped to the caller (the owner behind its API key): another tenant's session,
+run, sampler or private checkpoint answers 404 exactly like a missing one. Public checkpoints
+(and the runs they belong to, with `access_scope=accessible`) are readable by every caller;
+only the owner can delete, publish, unpublish or set the TTL. Publishing twice, unpublishing
+a private checkpoint and clearing an absent TTL all succeed: these calls never answer 409,
+which the SDK would retry for minutes.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from server import checkpoint_files
 from server.errors import NotFound
 from server.http import json_response, read_json
-from server.paths import CheckpointRef, parse_checkpoint_id, parse_tinker_path
+from server.paths import CheckpointRef, parse_checkpoint_id, parse_tinker_path, validate_model_id
 from server.service import Service
+from server.sessions import utc_now
 from server.store import CheckpointRecord, TrainingRunRecord
 from server.wire.types import (
     Checkpoint,
@@ -30,6 +46,19 @@ from server.wire.types import (
 from tuft_jax.errors import InputError
 
 MAX_PAGE = 1000
+MAX_TTL_SECONDS = 10 * 366 * 24 * 3600
+DOWNLOAD_LINK_S = 900
+"""How long a signed archive link (for SDKs <= 0.25) stays valid."""
+_LINK_SECRET = secrets.token_bytes(32)
+"""Signs download links; per process, so a restart invalidates outstanding links."""
+
+
+class SetTtlRequest(msgspec.Struct):
+    ttl_seconds: int | None = None
+
+
+def _caller(request: Request) -> str:
+    return request.state.owner
 
 
 def _paging(request: Request, default_limit: int) -> tuple[int, int]:
@@ -37,11 +66,18 @@ def _paging(request: Request, default_limit: int) -> tuple[int, int]:
     values = []
     for name, default in (("limit", default_limit), ("offset", 0)):
         raw = request.query_params.get(name, str(default))
-        if not raw.isdigit():
-            raise InputError(f"{name} must be a non-negative integer, got {raw!r}")
+        if not raw.isdigit() or len(raw) > 9:
+            raise InputError(f"{name} must be a non-negative integer, got {raw[:20]!r}")
         values.append(int(raw))
     limit, offset = values
     return min(limit, MAX_PAGE), offset
+
+
+def _access_scope(request: Request) -> str:
+    scope = request.query_params.get("access_scope", "owned")
+    if scope not in ("owned", "accessible"):
+        raise InputError(f"access_scope must be 'owned' or 'accessible', got {scope[:40]!r}")
+    return scope
 
 
 def _string_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
@@ -56,14 +92,21 @@ def _checkpoint(record: CheckpointRecord) -> Checkpoint:
         time=record.created_at,
         tinker_path=record.ref.tinker_path,
         size_bytes=record.size_bytes,
+        public=record.public,
         user_metadata=record.user_metadata,
         expires_at=record.expires_at,
     )
 
 
-def _training_run(service: Service, record: TrainingRunRecord) -> TrainingRun:
+def _visible_checkpoints(service: Service, run: TrainingRunRecord, caller: str) -> list[CheckpointRecord]:
+    """A run's live checkpoints as `caller` sees them: all for the owner, else the public ones."""
+    public = None if run.owner == caller else True
+    return service.store.list_checkpoints(model_id=run.model_id, public=public, alive_at=utc_now()).items
+
+
+def _training_run(service: Service, record: TrainingRunRecord, caller: str) -> TrainingRun:
     # Listings are in creation order, so the last checkpoint of each kind wins.
-    latest = {c.ref.kind: _checkpoint(c) for c in service.store.list_checkpoints(model_id=record.model_id).items}
+    latest = {c.ref.kind: _checkpoint(c) for c in _visible_checkpoints(service, record, caller)}
     return TrainingRun(
         training_run_id=record.model_id,
         base_model=record.base_model,
@@ -77,18 +120,17 @@ def _training_run(service: Service, record: TrainingRunRecord) -> TrainingRun:
     )
 
 
-def _run_record(service: Service, run_id: str) -> TrainingRunRecord:
+def _run_record(service: Service, run_id: str, caller: str, *, accessible: bool) -> TrainingRunRecord:
+    """The caller's run, or with `accessible` also another's run that has a public checkpoint."""
     record = service.store.get_training_run(run_id)
-    if record is None:
-        raise NotFound(f"unknown training run {run_id!r}")
-    return record
+    if record is not None and (
+        record.owner == caller or (accessible and _visible_checkpoints(service, record, caller))
+    ):
+        return record
+    raise NotFound(f"unknown training run {run_id!r}")
 
 
-def _checkpoint_record(service: Service, ref: CheckpointRef) -> CheckpointRecord:
-    record = service.store.get_checkpoint(ref)
-    if record is None:
-        raise NotFound(f"checkpoint {ref.tinker_path} does not exist")
-    return record
+# ---- sessions and samplers --------------------------------------------------------------------
 
 
 async def get_session(request: Request) -> Response:
@@ -106,17 +148,38 @@ async def get_session(request: Request) -> Response:
 
 async def list_sessions(request: Request) -> Response:
     limit, offset = _paging(request, 20)
-    page = Service.of(request).store.list_sessions(limit=limit, offset=offset)
+    page = Service.of(request).store.list_sessions(owner=_caller(request), limit=limit, offset=offset)
     return json_response(ListSessionsResponse(sessions=[s.session_id for s in page.items]))
+
+
+async def get_sampler(request: Request) -> Response:
+    sampler_id = request.path_params["sampler_id"]
+    record = Service.of(request).store.get_sampler(sampler_id)
+    if record is None or record.owner != _caller(request):
+        raise NotFound(f"unknown sampler {sampler_id!r}")
+    return json_response(
+        GetSamplerResponse(sampler_id=record.sampler_id, base_model=record.base_model, model_path=record.model_path)
+    )
+
+
+# ---- training runs ----------------------------------------------------------------------------
 
 
 async def list_training_runs(request: Request) -> Response:
     service = Service.of(request)
     limit, offset = _paging(request, 20)
-    page = service.store.list_training_runs(limit=limit, offset=offset)
+    caller = _caller(request)
+    accessible = _access_scope(request) == "accessible"
+    page = service.store.list_training_runs(
+        owner=caller,
+        include_public=utc_now() if accessible else None,
+        project_id=request.query_params.get("project_id"),
+        limit=limit,
+        offset=offset,
+    )
     return json_response(
         TrainingRunsResponse(
-            training_runs=[_training_run(service, r) for r in page.items],
+            training_runs=[_training_run(service, r, caller) for r in page.items],
             cursor=Cursor(offset=offset, limit=limit, total_count=page.total),
         )
     )
@@ -124,19 +187,30 @@ async def list_training_runs(request: Request) -> Response:
 
 async def get_training_run(request: Request) -> Response:
     service = Service.of(request)
-    return json_response(_training_run(service, _run_record(service, request.path_params["run_id"])))
+    caller = _caller(request)
+    accessible = _access_scope(request) == "accessible"
+    record = _run_record(service, request.path_params["run_id"], caller, accessible=accessible)
+    return json_response(_training_run(service, record, caller))
 
 
 async def list_run_checkpoints(request: Request) -> Response:
+    """All of the caller's run's checkpoints; for another's run, its public ones (404 if none)."""
     service = Service.of(request)
-    run = _run_record(service, request.path_params["run_id"])
-    page = service.store.list_checkpoints(model_id=run.model_id)
-    return json_response(CheckpointsListResponse(checkpoints=[_checkpoint(c) for c in page.items]))
+    caller = _caller(request)
+    run = _run_record(service, request.path_params["run_id"], caller, accessible=True)
+    checkpoints = _visible_checkpoints(service, run, caller)
+    return json_response(CheckpointsListResponse(checkpoints=[_checkpoint(c) for c in checkpoints]))
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
 
 
 async def list_checkpoints(request: Request) -> Response:
+    """The caller's checkpoints across all runs, newest last, with a cursor."""
     limit, offset = _paging(request, 100)
-    page = Service.of(request).store.list_checkpoints(limit=limit, offset=offset)
+    page = Service.of(request).store.list_checkpoints(
+        owner=_caller(request), alive_at=utc_now(), limit=limit, offset=offset
+    )
     return json_response(
         CheckpointsListResponse(
             checkpoints=[_checkpoint(c) for c in page.items],
@@ -145,42 +219,104 @@ async def list_checkpoints(request: Request) -> Response:
     )
 
 
-async def delete_checkpoint(request: Request) -> Response:
-    service = Service.of(request)
-    ref = parse_checkpoint_id(request.path_params["run_id"], request.path_params["checkpoint_id"])
-    directory = ref.directory(service.checkpoint_dir)
-    if service.store.get_checkpoint(ref) is None and not directory.is_dir():
-        raise NotFound(f"checkpoint {ref.tinker_path} does not exist")
-    if directory.is_dir():
-        await run_in_threadpool(checkpoint_files.delete, directory)
-    service.store.delete_checkpoint(ref)
-    return json_response({})
-
-
 async def weights_info(request: Request) -> Response:
     body = await read_json(request, WeightsInfoRequest)
     service = Service.of(request)
-    ref = _checkpoint_record(service, parse_tinker_path(body.tinker_path)).ref
-    run = _run_record(service, ref.model_id)
+    record = service.readable_checkpoint(parse_tinker_path(body.tinker_path))
+    lora = record.lora
+    if lora is None:
+        run = service.store.get_training_run(record.ref.model_id)
+        if run is None:
+            raise NotFound(f"checkpoint {body.tinker_path} does not exist")
+        lora = run.lora
     return json_response(
         WeightsInfoResponse(
-            base_model=run.base_model,
+            base_model=record.base_model,
             is_lora=True,
-            lora_rank=run.lora.rank,
-            train_unembed=run.lora.train_unembed,
-            train_mlp=run.lora.train_mlp,
-            train_attn=run.lora.train_attn,
+            lora_rank=lora.rank,
+            train_unembed=lora.train_unembed,
+            train_mlp=lora.train_mlp,
+            train_attn=lora.train_attn,
         )
     )
 
 
-async def get_sampler(request: Request) -> Response:
-    sampler_id = request.path_params["sampler_id"]
-    record = Service.of(request).store.get_sampler(sampler_id)
-    if record is None:
-        raise NotFound(f"unknown sampler {sampler_id!r}")
-    return json_response(
-        GetSamplerResponse(sampler_id=record.sampler_id, base_model=record.base_model, model_path=record.model_path)
+async def checkpoint_resource(request: Request) -> Response:
+    """`{kind}/{name}` (DELETE) and `{kind}/{name}/{publish|ttl|archive}` under a run.
+
+    One route parses the rest of the path itself: a checkpoint id always has exactly two
+    segments, so a checkpoint named `publish` or `ttl` is never mistaken for an action.
+    """
+    service = Service.of(request)
+    run_id = validate_model_id(request.path_params["run_id"])
+    parts = request.path_params["rest"].split("/")
+    method = request.method
+    if len(parts) == 2 and method == "DELETE":
+        return await _delete(service, parse_checkpoint_id(run_id, "/".join(parts)))
+    if len(parts) == 3:
+        action = parts[2]
+        if parts[0] == "external_weights" and action == "external_weights_urls" and method == "GET":
+            raise InputError("external_weights checkpoints are not supported by this server")
+        ref = parse_checkpoint_id(run_id, "/".join(parts[:2]))
+        if action == "publish" and method in ("POST", "DELETE"):
+            service.owned_checkpoint(ref)
+            service.store.set_checkpoint_public(ref, method == "POST")
+            return json_response({})
+        if action == "ttl" and method == "PUT":
+            return await _set_ttl(request, service, ref)
+        if action == "archive" and method == "GET":
+            return _archive(request, service, ref)
+    raise NotFound(f"no such resource: {request.url.path}")
+
+
+async def _delete(service: Service, ref: CheckpointRef) -> Response:
+    service.owned_checkpoint(ref)
+    await run_in_threadpool(checkpoint_files.delete, ref.directory(service.checkpoint_dir))
+    service.store.delete_checkpoint(ref)
+    return json_response({})
+
+
+async def _set_ttl(request: Request, service: Service, ref: CheckpointRef) -> Response:
+    body = await read_json(request, SetTtlRequest)
+    service.owned_checkpoint(ref)
+    ttl = body.ttl_seconds
+    if ttl is not None and not 0 < ttl <= MAX_TTL_SECONDS:
+        raise InputError(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS} (or null for no expiry), got {ttl}")
+    expires_at = None if ttl is None else utc_now() + timedelta(seconds=ttl)
+    service.store.set_checkpoint_expiry(ref, expires_at)
+    return json_response({"expires_at": None if expires_at is None else expires_at.isoformat()})
+
+
+def _link_signature(path: str, expires: int) -> str:
+    return hmac.new(_LINK_SECRET, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def _archive(request: Request, service: Service, ref: CheckpointRef) -> Response:
+    """The checkpoint directory as a streamed tar.gz (entries under `{name}/`).
+
+    SDKs <= 0.25 (`get_checkpoint_archive_url`, `tinker checkpoint download`) ask with
+    `Accept: application/json` for `{"url", "expires"}` and then fetch the URL with a plain
+    HTTP client, so they get a link signed for this path, valid for DOWNLOAD_LINK_S seconds.
+    """
+    if getattr(request.state, "owner", None) is None:  # no API key: a signed link
+        try:
+            expires = int(request.query_params.get("expires", ""))
+        except ValueError:
+            expires = 0
+        signature = request.query_params.get("sig", "")
+        valid = hmac.compare_digest(signature, _link_signature(request.url.path, expires))
+        if not valid or expires < time.time():
+            raise NotFound("this download link is invalid or has expired")
+    directory = service.checkpoint_directory(ref)
+    if getattr(request.state, "owner", None) is not None and request.headers.get("accept") == "application/json":
+        expires = int(time.time()) + DOWNLOAD_LINK_S
+        link = request.url.replace(query=f"expires={expires}&sig={_link_signature(request.url.path, expires)}")
+        return json_response({"url": str(link), "expires": datetime.fromtimestamp(expires, UTC)})
+    filename = f"{ref.model_id.replace(':', '_')}-{ref.kind}-{ref.name}.tar.gz"
+    return StreamingResponse(
+        checkpoint_files.archive_chunks(directory, ref.name),
+        media_type="application/gzip",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
 
 
@@ -190,7 +326,11 @@ routes = [
     Route("/api/v1/training_runs", list_training_runs, methods=["GET"]),
     Route("/api/v1/training_runs/{run_id}", get_training_run, methods=["GET"]),
     Route("/api/v1/training_runs/{run_id}/checkpoints", list_run_checkpoints, methods=["GET"]),
-    Route("/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", delete_checkpoint, methods=["DELETE"]),
+    Route(
+        "/api/v1/training_runs/{run_id}/checkpoints/{rest:path}",
+        checkpoint_resource,
+        methods=["GET", "POST", "PUT", "DELETE"],
+    ),
     Route("/api/v1/checkpoints", list_checkpoints, methods=["GET"]),
     Route("/api/v1/weights_info", weights_info, methods=["POST"]),
     Route("/api/v1/samplers/{sampler_id}", get_sampler, methods=["GET"]),

@@ -20,10 +20,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from server.engine_api import EngineAPI
+from server.errors import NotFound
 from server.http import json_response
 from server.runtime import LiveModel
 from server.service import Service, then
-from server.sessions import OWNER, model_id_for, utc_now
+from server.sessions import model_id_for, utc_now
 from server.store import TrainingRunRecord
 from server.wire import tinker_public_pb2 as pb
 from server.wire.proto_codec import MAX_DECOMPRESSED_BYTES
@@ -66,7 +67,10 @@ def forward_envelope(body: bytes, content_encoding: str | None) -> tuple[str | N
 
 
 def consume(service: Service, model_id: str | None, seq_id: int | None) -> None:
-    if model_id is not None and seq_id is not None and model_id in service.models:
+    if model_id is None or seq_id is None:
+        return
+    with contextlib.suppress(NotFound):
+        service.model(model_id)  # only the caller's own models
         service.sequencer.consume(model_id, seq_id)
 
 
@@ -124,7 +128,7 @@ def create_model_with(
     user_metadata: dict[str, Any] | None,
 ) -> Response:
     """Create training model `{session_id}:train:{model_seq_id}` (its seq_id 0) with `run`."""
-    service.sessions.require_active(session_id)
+    owner = service.sessions.require_active(session_id).owner
     model_id = model_id_for(session_id, model_seq_id)
     existing = service.models.get(model_id)
     if existing is not None:
@@ -136,7 +140,7 @@ def create_model_with(
     def finish(lora: LoraConfig) -> msgspec.Struct:
         now = utc_now()
         service.store.put_training_run(
-            TrainingRunRecord(model_id, session_id, OWNER, engine.name, lora, now, now, user_metadata)
+            TrainingRunRecord(model_id, session_id, owner, engine.name, lora, now, now, user_metadata)
         )
         return respond(model_id)
 

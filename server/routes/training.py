@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import msgspec
 from starlette.concurrency import run_in_threadpool
@@ -67,23 +68,35 @@ def _save(
     ref: CheckpointRef,
     *,
     with_optimizer: bool,
+    peft: bool,
     overwrite: bool,
     ttl_seconds: int | None,
     user_metadata: dict[str, str] | None,
     respond: Callable[[str], msgspec.Struct],
 ) -> Start:
+    """Queue an atomic save of the model's adapter as `ref`; an existing checkpoint of that
+    name is a 400 unless `overwrite` (an expired one is simply replaced)."""
     expires_at = _expiry(ttl_seconds)
+    existing = service.store.get_checkpoint(ref)
+    stale = existing is not None and existing.expired(utc_now())
+    if existing is not None and not stale and not overwrite:
+        raise InputError(f"checkpoint {ref.tinker_path} already exists; save with overwrite=True to replace it")
     directory = ref.directory(service.checkpoint_dir)
-    if directory.exists() and not overwrite:
-        raise InputError(f"checkpoint {ref.tinker_path} already exists")
+    owner = service.session_owner(model.session_id) or ""
 
-    def run(engine: EngineAPI) -> int:
-        return checkpoint_files.save(
-            engine, model.require_slot(), directory, with_optimizer=with_optimizer, overwrite=overwrite
+    def run(engine: EngineAPI) -> tuple[int, LoraConfig]:
+        slot = model.require_slot()
+        size = checkpoint_files.save(
+            engine, slot, directory, with_optimizer=with_optimizer, peft=peft, replace=overwrite or stale
         )
+        return size, engine.adapter_config(slot)
 
-    def finish(size: int) -> msgspec.Struct:
-        service.store.put_checkpoint(CheckpointRecord(ref, utc_now(), size, user_metadata, expires_at))
+    def finish(saved: tuple[int, LoraConfig]) -> msgspec.Struct:
+        size, lora = saved
+        record = CheckpointRecord(
+            ref, owner, utc_now(), size, user_metadata, expires_at, base_model=model.base_model, lora=lora
+        )
+        service.store.put_checkpoint(record)
         return respond(ref.tinker_path)
 
     return lambda: then(service.workers[model.base_model].call(run), finish)
@@ -199,7 +212,7 @@ async def load_weights(request: Request) -> Response:
     model_id = body.model_id
 
     async def prepare(model: LiveModel) -> Start:
-        directory = service.checkpoint_directory(parse_tinker_path(body.path))
+        directory = _loadable(service, body, model.base_model)
 
         def run(e: EngineAPI) -> LoraConfig:
             previous = model.slot
@@ -219,11 +232,25 @@ async def load_weights(request: Request) -> Response:
     return await submit_sequenced(service, model_id, body.seq_id, prepare)
 
 
-def _create_via_load(service: Service, body: LoadWeightsRequest) -> Response:
-    assert body.session_id is not None and body.model_seq_id is not None
+def _loadable(service: Service, body: LoadWeightsRequest, base_model: str | None) -> Path:
+    """The directory of the checkpoint `body.path`, once the caller may read it and its
+    recorded geometry fits `base_model` (default: the one it was trained on) on this server."""
     ref = parse_tinker_path(body.path)
     directory = service.checkpoint_directory(ref)
-    engine = service.engine_for_checkpoint(ref, body.base_model)
+    service.engine_for_checkpoint(ref, base_model)
+    if body.optimizer and ref.kind != "weights":
+        raise InputError(
+            f"{body.path} is a sampler checkpoint, which has no optimizer state; load a save_state "
+            "checkpoint (tinker://.../weights/...) or load without the optimizer"
+        )
+    return directory
+
+
+def _create_via_load(service: Service, body: LoadWeightsRequest) -> Response:
+    assert body.session_id is not None and body.model_seq_id is not None
+    service.sessions.require_active(body.session_id)
+    directory = _loadable(service, body, body.base_model)
+    engine = service.engine_for_checkpoint(parse_tinker_path(body.path), body.base_model)
     if not body.optimizer:
         _check_optimizer(body.optimizer_config)
 
@@ -293,6 +320,7 @@ async def save_weights(request: Request) -> Response:
             model,
             _checkpoint_ref(model, "weights", body.path),
             with_optimizer=True,
+            peft=False,
             overwrite=body.overwrite,
             ttl_seconds=body.ttl_seconds,
             user_metadata=body.user_metadata,
@@ -315,6 +343,7 @@ async def save_weights_for_sampler(request: Request) -> Response:
                 model,
                 _checkpoint_ref(model, "sampler_weights", body.path),
                 with_optimizer=False,
+                peft=True,
                 overwrite=False,
                 ttl_seconds=body.ttl_seconds,
                 user_metadata=body.user_metadata,

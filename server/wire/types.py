@@ -273,6 +273,7 @@ class Checkpoint(Response):
     time: datetime
     tinker_path: str
     size_bytes: int | None = None
+    public: bool = False
     user_metadata: dict[str, str] | None = None
     expires_at: datetime | None = None
 

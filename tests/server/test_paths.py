@@ -42,6 +42,16 @@ def test_round_trip() -> None:
         "file:///etc/passwd",
         "x/weights/y",
         f"tinker://x/weights/{'a' * 201}",
+        f"tinker://{'a' * 201}/weights/x",
+        "tinker://x/weights/%2e%2e",
+        "tinker://x/weights/a\x00b",
+        "tinker://x\x00/weights/y",
+        "tinker://x/weights/.hidden",
+        "tinker://.x/weights/y",
+        "tinker:///etc/weights/passwd",
+        "tinker://x/weights//etc/passwd",
+        "/etc/passwd",
+        "",
     ],
 )
 def test_rejects_bad_tinker_paths(path: str) -> None:
@@ -49,7 +59,13 @@ def test_rejects_bad_tinker_paths(path: str) -> None:
         parse_tinker_path(path)
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "a\\b", "x\x00", "~", "a b", "%2e%2e"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "", ".", "..", "../x", "..\\x", "a/b", "a\\b", "x\x00", "\x00", "~", "a b", "%2e%2e", "%2e%2e%2fx",
+        "/etc/passwd", "/abs", "C:\\x", ".hidden", "..a", ".staging-x", "a" * 201, "a" * 10_000, "é", "a\nb",
+    ],
+)
 def test_rejects_bad_names(name: str) -> None:
     with pytest.raises(InputError):
         validate_name(name)
@@ -61,6 +77,6 @@ def test_rejects_bad_checkpoint_ids(checkpoint_id: str) -> None:
         parse_checkpoint_id(MODEL, checkpoint_id)
 
 
-@pytest.mark.parametrize("name", ["ckpt-1", "step_000100", "final.v2", "..a", "a..b"])
+@pytest.mark.parametrize("name", ["ckpt-1", "step_000100", "final.v2", "a..b", "a.", "-x", "a" * 200])
 def test_accepts_good_names(name: str) -> None:
     assert validate_name(name) == name

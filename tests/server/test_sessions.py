@@ -7,9 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from server import auth
 from server.errors import Gone, NotFound
-from server.sessions import Sessions, model_id_for, sampler_id_for
-from server.store import MemoryStore
+from server.sessions import OWNER, Sessions, model_id_for, sampler_id_for
+from server.store_sql import SqlStore
 from server.wire.types import CreateSessionRequest
 
 
@@ -20,7 +21,7 @@ def test_id_formats() -> None:
 
 def test_lifecycle_and_expiry() -> None:
     now = [datetime(2026, 1, 1, tzinfo=UTC)]
-    store = MemoryStore()
+    store = SqlStore.sqlite(":memory:")
     sessions = Sessions(store, timeout_s=30, clock=lambda: now[0])
     record = sessions.create(CreateSessionRequest(tags=["a"], user_metadata={"k": 1}, display_name="run"))
     uuid.UUID(record.session_id)
@@ -40,3 +41,25 @@ def test_lifecycle_and_expiry() -> None:
     with pytest.raises(NotFound):
         sessions.heartbeat("missing")
     assert sessions.require_active(record.session_id).display_name == "run"
+
+
+def test_sessions_belong_to_the_caller() -> None:
+    store = SqlStore.sqlite(":memory:")
+    sessions = Sessions(store, timeout_s=30)
+    token = auth._owner.set("alice")
+    try:
+        mine = sessions.create(CreateSessionRequest())
+        assert mine.owner == "alice" and sessions.get(mine.session_id) == mine
+    finally:
+        auth._owner.reset(token)
+    token = auth._owner.set("bob")
+    try:
+        with pytest.raises(NotFound):
+            sessions.get(mine.session_id)
+        with pytest.raises(NotFound):
+            sessions.heartbeat(mine.session_id)
+        assert not store.get_session(mine.session_id).finished
+    finally:
+        auth._owner.reset(token)
+    assert sessions.get(mine.session_id).owner == "alice", "no caller (background work): no filtering"
+    assert sessions.create(CreateSessionRequest()).owner == OWNER
