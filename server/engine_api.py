@@ -6,6 +6,7 @@ tested without loading a model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -18,6 +19,7 @@ class EngineAPI(Protocol):
     name: str
     tokenizer_path: str
     max_context_length: int
+    max_lora_rank: int
     eos_token_id: int
 
     def check_forward_backward(
@@ -44,11 +46,21 @@ class EngineAPI(Protocol):
 
     def load_adapter(self, directory: Path, *, with_optimizer: bool) -> int: ...
 
+    def export_peft(self, slot: int, directory: Path) -> int:
+        """Write the slot as a standard PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
+        ...
+
     def adapter_config(self, slot: int) -> LoraConfig: ...
 
-    def check_sample(self, prompt: np.ndarray, num_samples: int, params: SamplingParams) -> None: ...
+    def check_sample(
+        self, prompt: np.ndarray, num_samples: int, params: SamplingParams, *, topk_prompt_logprobs: int = 0
+    ) -> None: ...
 
-    def sample(
+    # Sampling is continuous batching driven by the worker thread: requests are submitted, then
+    # `step_sampling` (one decode chunk over every running sequence) is called while
+    # `has_sampling_work`, interleaved with the other engine calls.
+
+    def submit_sample(
         self,
         slot: int,
         prompt: np.ndarray,
@@ -57,4 +69,15 @@ class EngineAPI(Protocol):
         *,
         prompt_logprobs: bool,
         topk_prompt_logprobs: int,
-    ) -> SampleResult: ...
+        on_done: Callable[[SampleResult | None, BaseException | None], None],
+    ) -> None:
+        """Queue a request; `on_done(result, error)` is called from a later `step_sampling`."""
+        ...
+
+    def step_sampling(self) -> None: ...
+
+    def has_sampling_work(self) -> bool: ...
+
+    def queued_sample_rows(self) -> int:
+        """Samples submitted but not yet decoding."""
+        ...

@@ -1,9 +1,17 @@
-"""One thread per engine that runs its (blocking) calls one at a time, in submission order.
+"""One thread per engine that runs its (blocking) calls one at a time, in submission order,
+interleaved with continuous-batching sampling.
 
 Results are handed back to the event loop with `call_soon_threadsafe`. Consecutive queued
 forward/forward_backward items of different models that share the loss function, its
 config and the mode are merged into one engine call, which is how several training runs
 share a step of the accelerator.
+
+Sample requests skip the job queue: each loop hands every newly arrived one to the engine's
+scheduler, runs the next job (if any), then one decode chunk (if any sequence is running).
+So training and the samplers of many sessions progress together, a long generation never
+holds up training for more than one chunk, and a training job delays sampling by one job.
+Backpressure: beyond `max_queued_sample_rows` samples waiting for a decode row, `sample`
+raises CapacityError (HTTP 429, which the SDK retries with the same seq_id).
 """
 
 from __future__ import annotations
@@ -16,8 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import numpy as np
+
 from server.engine_api import EngineAPI
-from tuft_jax.types import Datum, ForwardResult
+from tuft_jax.errors import CapacityError
+from tuft_jax.types import Datum, ForwardResult, SampleResult, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +55,39 @@ class ForwardBackwardItem(Generic[T]):
 
 
 @dataclass
+class SampleItem(Generic[T]):
+    """One asample request (already validated with `check_sample`)."""
+
+    slot: int
+    prompt: np.ndarray
+    num_samples: int
+    params: SamplingParams
+    prompt_logprobs: bool
+    topk_prompt_logprobs: int
+    finish: Callable[[SampleResult], T]
+    """Turns the engine's result into the reply (e.g. protobuf); runs on the worker thread."""
+
+
+@dataclass
 class _Job:
-    work: Callable[[EngineAPI], Any] | ForwardBackwardItem[Any]
+    work: Callable[[EngineAPI], Any] | ForwardBackwardItem[Any] | SampleItem[Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
 
 
 class EngineWorker:
-    def __init__(self, engine: EngineAPI, *, max_batch_datums: int) -> None:
+    def __init__(self, engine: EngineAPI, *, max_batch_datums: int, max_queued_sample_rows: int) -> None:
         self.engine = engine
         self._max_batch_datums = max_batch_datums
+        self.max_queued_sample_rows = max_queued_sample_rows
         self._jobs: deque[_Job] = deque()
+        self._samples: deque[_Job] = deque()
+        self._inbox_rows = 0
+        """Samples of the requests in `_samples`."""
+        self._waiting_rows = 0
+        """Samples not yet in a decode row: in `_samples` or in the engine's queue."""
+        self._sampling = False
+        """Whether the engine had sampling work after the last loop (read under the lock)."""
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{engine.name}", daemon=True)
@@ -77,6 +110,24 @@ class EngineWorker:
     def forward_backward(self, item: ForwardBackwardItem[T]) -> asyncio.Future[T]:
         return self._submit(item)
 
+    def sample(self, item: SampleItem[T]) -> asyncio.Future[T]:
+        """Queue a sample request for the engine's decode rows; raises CapacityError while too many
+        samples wait for a row (a request is always accepted when none wait)."""
+        loop = asyncio.get_running_loop()
+        with self._wakeup:
+            waiting = self._waiting_rows
+            if waiting and waiting + item.num_samples > self.max_queued_sample_rows:
+                raise CapacityError(
+                    f"the sampling queue of {self.engine.name} is full ({waiting} samples waiting, limit "
+                    f"{self.max_queued_sample_rows}); retry later"
+                )
+            job = _Job(item, loop.create_future(), loop)
+            self._samples.append(job)
+            self._inbox_rows += item.num_samples
+            self._waiting_rows += item.num_samples
+            self._wakeup.notify()
+        return job.future
+
     def _submit(self, work: Callable[[EngineAPI], Any] | ForwardBackwardItem[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         job = _Job(work, loop.create_future(), loop)
@@ -88,19 +139,64 @@ class EngineWorker:
     def _run(self) -> None:
         while True:
             with self._wakeup:
-                while not self._jobs and not self._stopping:
+                while not (self._jobs or self._samples or self._sampling or self._stopping):
                     self._wakeup.wait()
                 if self._stopping:
                     return
-                batch = self._take_batch()
-            if isinstance(batch[0].work, ForwardBackwardItem):
-                self._run_forward_backward(batch)
-            else:
-                job = batch[0]
+                samples = list(self._samples)
+                self._samples.clear()
+                self._inbox_rows = 0
+                batch = self._take_batch() if self._jobs else []
+            # Samples first: one that arrived before a job (e.g. the release of its slot) reaches
+            # the engine before that job runs.
+            for job in samples:
+                self._submit_sample(job)
+            if batch:
+                self._run_batch(batch)
+            if self.engine.has_sampling_work():
                 try:
-                    _resolve(job, job.work(self.engine), None)
-                except Exception as exc:
-                    _resolve(job, None, exc)
+                    self.engine.step_sampling()
+                except Exception:
+                    logger.exception("a sampling step failed (the requests it was running have failed)")
+            with self._wakeup:
+                self._sampling = self.engine.has_sampling_work()
+                self._waiting_rows = self.engine.queued_sample_rows() + self._inbox_rows
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        if isinstance(batch[0].work, ForwardBackwardItem):
+            self._run_forward_backward(batch)
+            return
+        job = batch[0]
+        try:
+            _resolve(job, job.work(self.engine), None)  # type: ignore[operator]
+        except Exception as exc:
+            _resolve(job, None, exc)
+
+    def _submit_sample(self, job: _Job) -> None:
+        item = job.work
+        assert isinstance(item, SampleItem)
+
+        def done(result: SampleResult | None, error: BaseException | None) -> None:
+            if error is not None:
+                _resolve(job, None, error)
+                return
+            try:
+                _resolve(job, item.finish(result), None)  # type: ignore[arg-type]
+            except Exception as exc:
+                _resolve(job, None, exc)
+
+        try:
+            self.engine.submit_sample(
+                item.slot,
+                item.prompt,
+                item.num_samples,
+                item.params,
+                prompt_logprobs=item.prompt_logprobs,
+                topk_prompt_logprobs=item.topk_prompt_logprobs,
+                on_done=done,
+            )
+        except Exception as exc:
+            _resolve(job, None, exc)
 
     def _take_batch(self) -> list[_Job]:
         """The next job, plus the compatible forward_backward items queued right behind it."""
@@ -152,7 +248,7 @@ class EngineWorker:
                 _resolve(job, None, exc)
 
 
-def _resolve(job: _Job, value: Any, exc: Exception | None) -> None:
+def _resolve(job: _Job, value: Any, exc: BaseException | None) -> None:
     """Complete the job's future on its event loop (a no-op if the caller gave up on it)."""
 
     def settle() -> None:

@@ -7,6 +7,7 @@ worker); validation (`check_*`) is cheap, host-only and safe to call from anywhe
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -17,18 +18,23 @@ from jax.sharding import Mesh
 from transformers import AutoTokenizer
 
 from tuft_jax import adapters, checkpoints, losses, peft_export
-from tuft_jax.batching import batch_bucket, bucket, build_train_batch
+from tuft_jax.batching import build_train_batch
+from tuft_jax.decode_scheduler import DecodeScheduler, SampleJob
 from tuft_jax.errors import InputError
 from tuft_jax.model_registry import BaseModelSpec
 from tuft_jax.models.decoder import LoraShape
 from tuft_jax.models.hf_weights import load_causal_lm
 from tuft_jax.optimizer import adamw_step, init_optimizer_state
-from tuft_jax.sampler import DecodeRequest, generate
-from tuft_jax.sharding import batch_sharding, make_mesh, place_like_params
+from tuft_jax.sampler import MAX_STOP_IDS
+from tuft_jax.sharding import batch_sharding, make_mesh, place_like_params, replicated
 from tuft_jax.train_step import BatchArrays, forward, forward_backward
-from tuft_jax.types import AdamParams, Datum, ForwardResult, LoraConfig, SampledSequence, SampleResult, SamplingParams
+from tuft_jax.types import AdamParams, Datum, ForwardResult, LoraConfig, SampleResult, SamplingParams
 
 MAX_SAMPLES_PER_REQUEST = 128
+DECODE_ROWS = 32
+"""Sequences decoded together (continuous batching); each holds a KV cache of up to the context length."""
+DECODE_CHUNK = 16
+"""Tokens decoded per row between two visits of the host (admissions, stop strings, training jobs)."""
 
 
 def _random_seed() -> int:
@@ -36,11 +42,19 @@ def _random_seed() -> int:
 
 
 class Engine:
-    def __init__(self, spec: BaseModelSpec, mesh: Mesh | None = None) -> None:
+    def __init__(
+        self,
+        spec: BaseModelSpec,
+        mesh: Mesh | None = None,
+        *,
+        decode_rows: int = DECODE_ROWS,
+        decode_chunk: int = DECODE_CHUNK,
+    ) -> None:
         self.spec = spec
         self.mesh = make_mesh() if mesh is None else mesh
         self.name = spec.name
         self.max_context_length = spec.max_context_length
+        self.max_lora_rank = spec.max_lora_rank
         self.tokenizer_path = str(spec.path)
         self.slots = adapters.SlotTable(spec.max_adapters + 1, spec.max_lora_rank)
         dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
@@ -53,6 +67,18 @@ class Engine:
         eos = self.config.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.eos_token_id = int(eos[0])
         self.vocab_size = self.config.vocab_size
+        self.decoder = DecodeScheduler(
+            self.graphdef,
+            lambda: (self.base, self.lora),
+            self.config,
+            dtype,
+            self.tokenizer.decode,
+            rows=decode_rows,
+            chunk=decode_chunk,
+            max_length=spec.max_context_length,
+            placement=replicated(self.mesh),
+        )
+        self._release_when_idle: set[int] = set()
 
     # ---- adapters -------------------------------------------------------------------------
 
@@ -66,8 +92,13 @@ class Engine:
         return slot
 
     def release_adapter(self, slot: int) -> None:
+        """Frees the slot, once no queued or running sample reads it any more."""
         if slot == 0:
             return
+        if self.decoder.uses_slot(slot):
+            self._release_when_idle.add(slot)
+            return
+        self._release_when_idle.discard(slot)
         self.slots.release(slot)
         self.steps.pop(slot, None)
         index = jnp.int32(slot)
@@ -209,7 +240,9 @@ class Engine:
             bad = low if low < 0 else high
             raise InputError(f"{where} has token id {bad}, outside the vocabulary [0, {self.vocab_size})")
 
-    def check_sample(self, prompt: np.ndarray, num_samples: int, params: SamplingParams) -> None:
+    def check_sample(
+        self, prompt: np.ndarray, num_samples: int, params: SamplingParams, *, topk_prompt_logprobs: int = 0
+    ) -> None:
         self._check_tokens(prompt, "prompt")
         if not 1 <= num_samples <= MAX_SAMPLES_PER_REQUEST:
             raise InputError(f"num_samples must be between 1 and {MAX_SAMPLES_PER_REQUEST}, got {num_samples}")
@@ -228,6 +261,60 @@ class Engine:
         for token in params.stop_token_ids:
             if not 0 <= token < self.vocab_size:
                 raise InputError(f"stop token id {token} is outside the vocabulary [0, {self.vocab_size})")
+        if len(params.stop_token_ids) > MAX_STOP_IDS:
+            count = len(params.stop_token_ids)
+            raise InputError(f"at most {MAX_STOP_IDS} stop token ids (EOS included) are supported, got {count}")
+        if not 0 <= topk_prompt_logprobs <= self.vocab_size:
+            raise InputError(f"topk_prompt_logprobs must be between 0 and the vocabulary size {self.vocab_size}")
+
+    def submit_sample(
+        self,
+        slot: int,
+        prompt: np.ndarray,
+        num_samples: int,
+        params: SamplingParams,
+        *,
+        prompt_logprobs: bool,
+        topk_prompt_logprobs: int,
+        on_done: Callable[[SampleResult | None, BaseException | None], None],
+    ) -> None:
+        """Queues a request for the decode rows; `on_done(result, error)` runs (on this thread, in a
+        later `step_sampling`) once all its samples have finished."""
+        self.check_sample(prompt, num_samples, params, topk_prompt_logprobs=topk_prompt_logprobs)
+        if slot != 0:
+            self.slots.config(slot)
+            if slot in self._release_when_idle:
+                raise InputError(f"adapter slot {slot} is being released")
+        seed = int.from_bytes(os.urandom(8), "little") if params.seed is None else params.seed
+        self.decoder.submit(
+            SampleJob(
+                slot=slot,
+                scales=self.slots.scales[slot].copy(),
+                prompt=np.asarray(prompt, np.int32),
+                num_samples=num_samples,
+                params=params,
+                seed=seed,
+                prompt_logprobs=prompt_logprobs,
+                topk_prompt_logprobs=topk_prompt_logprobs,
+                on_done=on_done,
+            )
+        )
+
+    def has_sampling_work(self) -> bool:
+        return self.decoder.busy
+
+    def queued_sample_rows(self) -> int:
+        """Samples submitted but not yet decoding (what backpressure bounds)."""
+        return self.decoder.queued_rows
+
+    def step_sampling(self) -> None:
+        """One scheduler iteration: admit queued samples into free rows, decode one chunk, finish
+        what ended; then free the slots whose release waited for their samples."""
+        try:
+            self.decoder.step()
+        finally:
+            for slot in [s for s in self._release_when_idle if not self.decoder.uses_slot(s)]:
+                self.release_adapter(slot)
 
     def sample(
         self,
@@ -239,67 +326,24 @@ class Engine:
         prompt_logprobs: bool,
         topk_prompt_logprobs: int,
     ) -> SampleResult:
-        if slot != 0:
-            self.slots.config(slot)
-        rows = batch_bucket(num_samples)
-        width = bucket(prompt.size)
-        max_new = bucket(params.max_tokens)
-        padded = np.zeros((rows, width), np.int32)
-        padded[:, : prompt.size] = prompt
-        stop_ids = np.full((bucket(len(params.stop_token_ids), minimum=4),), -1, np.int32)
-        stop_ids[: len(params.stop_token_ids)] = params.stop_token_ids
-        seed = _random_seed() if params.seed is None else params.seed
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(rows))
-        request = DecodeRequest(
-            prompt=jnp.asarray(padded),
-            prompt_len=jnp.full((rows,), prompt.size, jnp.int32),
-            slots=jnp.full((rows,), slot, jnp.int32),
-            scales=jnp.asarray(np.repeat(self.slots.scales[slot][None], rows, axis=0)),
-            temperature=jnp.full((rows,), params.temperature, jnp.float32),
-            top_k=jnp.full((rows,), params.top_k, jnp.int32),
-            top_p=jnp.full((rows,), params.top_p, jnp.float32),
-            keys=keys,
-            max_tokens=jnp.asarray(np.where(np.arange(rows) < num_samples, params.max_tokens, 0), jnp.int32),
-            stop_ids=jnp.asarray(stop_ids),
-        )
-        out = generate(
-            self.graphdef,
-            self.base,
-            self.lora,
-            request,
-            max_new=max_new,
-            cache_len=bucket(width + max_new),
-            score_prompt=prompt_logprobs or topk_prompt_logprobs > 0,
-            topk_prompt=topk_prompt_logprobs,
-        )
-        out = jax.device_get(out)
-        sequences = [
-            self._finish_sequence(out.tokens[i, : out.num_tokens[i]], out.logprobs[i, : out.num_tokens[i]], bool(out.stopped[i]), params)
-            for i in range(num_samples)
-        ]
-        result = SampleResult(sequences=sequences)
-        if prompt_logprobs:
-            result.prompt_logprobs = [float(x) for x in out.prompt_logprobs[0, : prompt.size]]
-        if topk_prompt_logprobs > 0:
-            ids, lps = out.topk_prompt_ids[0], out.topk_prompt_logprobs[0]
-            result.topk_prompt_logprobs = [[]] + [
-                [(int(t), float(lp)) for t, lp in zip(ids[p - 1], lps[p - 1], strict=True)] for p in range(1, prompt.size)
-            ]
-        return result
+        """Blocking: submits the request and drives the scheduler (and whatever else is queued)
+        until it completes."""
+        outcome: list[SampleResult | BaseException] = []
 
-    def _finish_sequence(self, tokens: np.ndarray, logprobs: np.ndarray, stopped: bool, params: SamplingParams) -> SampledSequence:
-        """Applies stop strings (cut after the token that completes one)."""
-        token_list = [int(t) for t in tokens]
-        if params.stop_strings and not stopped:
-            text = self.tokenizer.decode(token_list)
-            if any(stop in text for stop in params.stop_strings):
-                for end in range(1, len(token_list) + 1):
-                    prefix = self.tokenizer.decode(token_list[:end])
-                    if any(stop in prefix for stop in params.stop_strings):
-                        token_list, logprobs, stopped = token_list[:end], logprobs[:end], True
-                        break
-        return SampledSequence(
-            tokens=token_list,
-            logprobs=[float(x) for x in logprobs],
-            stop_reason="stop" if stopped else "length",
+        def done(result: SampleResult | None, error: BaseException | None) -> None:
+            outcome.append(error if error is not None else result)  # type: ignore[arg-type]
+
+        self.submit_sample(
+            slot,
+            prompt,
+            num_samples,
+            params,
+            prompt_logprobs=prompt_logprobs,
+            topk_prompt_logprobs=topk_prompt_logprobs,
+            on_done=done,
         )
+        while not outcome:
+            self.step_sampling()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]

@@ -1,67 +1,126 @@
-"""Jitted prefill + decode loop with a per-layer KV cache, over the same parameter pytree as training.
+"""Device side of sampling: prefill of newly admitted requests and a chunked decode loop over a
+fixed set of decode rows, reading the same parameter pytree as training.
 
-One call decodes a whole batch of rows (each with its own adapter slot, temperature, top-k,
-top-p, PRNG key and token budget) inside a `while_loop` that ends once every row has stopped,
-so the host sees the device once per request rather than once per token.
+`DecodeState` holds R rows. Each row has its own slice of the per-layer KV cache, adapter slot,
+sampling controls, PRNG key, token budget and stop ids, so rows of many requests and adapters
+decode together and a row can be refilled as soon as its sequence ends (see
+`tuft_jax.decode_scheduler`). Rows never interact: a row attends only to its own cache and draws
+token g from `fold_in(row_key, g)`, so what it produces does not depend on its neighbours.
+
+The cache length is the state's second axis; the scheduler resizes it in length buckets to what
+the live rows need, so a step attends over roughly the longest live sequence rather than the
+model's whole context. Every call donates the state.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tuft_jax.layers import AdapterBatch
+from tuft_jax.layers import AdapterBatch, KVCache
+
+MAX_STOP_IDS = 32
+"""Stop token ids a request may give (EOS included)."""
 
 
 @dataclass(frozen=True)
-class DecodeRequest:
-    """Per-row decoding inputs; `prompt` is right-padded, `stop_ids` is padded with -1."""
+class DecodeState:
+    """Per-row decoding state ([R] unless noted); `token` is the last sampled token, which the
+    next step feeds at `position`; `done` rows (finished or free) are carried but not advanced."""
 
-    prompt: jax.Array
-    prompt_len: jax.Array
+    caches: list[KVCache]
+    token: jax.Array
+    position: jax.Array
+    generated: jax.Array
+    max_tokens: jax.Array
     slots: jax.Array
     scales: jax.Array
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
     keys: jax.Array
+    stop_ids: jax.Array
+    """[R, MAX_STOP_IDS], padded with -1."""
+    done: jax.Array
+
+
+jax.tree_util.register_dataclass(DecodeState)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Requests entering the decode rows: U distinct prompts ([U, W], right-padded), each with
+    its adapter, and R entries (one per sample) saying which prompt they continue and which
+    decode row they take; entries with row == R are padding and change nothing."""
+
+    prompts: jax.Array
+    prompt_len: jax.Array
+    prompt_slots: jax.Array
+    prompt_scales: jax.Array
+    source: jax.Array
+    rows: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    seeds: jax.Array
+    """[R, 2] uint32: the low and high halves of each entry's 64-bit seed."""
+    sample_index: jax.Array
     max_tokens: jax.Array
     stop_ids: jax.Array
 
 
-jax.tree_util.register_dataclass(
-    DecodeRequest,
-    data_fields=["prompt", "prompt_len", "slots", "scales", "temperature", "top_k", "top_p", "keys", "max_tokens", "stop_ids"],
-    meta_fields=[],
-)
+jax.tree_util.register_dataclass(Admission)
 
 
 @dataclass(frozen=True)
-class DecodeOutput:
-    tokens: jax.Array
-    logprobs: jax.Array
-    num_tokens: jax.Array
-    stopped: jax.Array
+class Prefilled:
+    """What prefill computed: the prompts' caches, each entry's first token, and prompt scores."""
+
+    caches: list[KVCache]
+    keys: jax.Array
+    token: jax.Array
+    logprob: jax.Array
+    done: jax.Array
     prompt_logprobs: jax.Array | None
-    topk_prompt_ids: jax.Array | None
-    topk_prompt_logprobs: jax.Array | None
+    topk_ids: jax.Array | None
+    topk_logprobs: jax.Array | None
 
 
-jax.tree_util.register_dataclass(
-    DecodeOutput,
-    data_fields=["tokens", "logprobs", "num_tokens", "stopped", "prompt_logprobs", "topk_prompt_ids", "topk_prompt_logprobs"],
-    meta_fields=[],
-)
+jax.tree_util.register_dataclass(Prefilled)
 
 
-def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Temperature, then top-k (k <= 0: off), then nucleus top-p over each row of [B, V] logits."""
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    vocab = logits.shape[-1]
+def init_state(num_layers: int, rows: int, length: int, kv_heads: int, head_dim: int, dtype: jnp.dtype) -> DecodeState:
+    """R free rows (all done) with a zero cache of `length` positions."""
+    shape = (rows, length, kv_heads, head_dim)
+
+    def zeros_i() -> jax.Array:  # a distinct buffer per field, as every field is donated
+        return jnp.zeros((rows,), jnp.int32)
+
+    return DecodeState(
+        caches=[KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)],
+        token=zeros_i(),
+        position=zeros_i(),
+        generated=zeros_i(),
+        max_tokens=zeros_i(),
+        slots=zeros_i(),
+        scales=jnp.zeros((rows, 3), jnp.float32),
+        temperature=jnp.zeros((rows,), jnp.float32),
+        top_k=zeros_i(),
+        top_p=jnp.ones((rows,), jnp.float32),
+        keys=jax.random.split(jax.random.key(0), rows),
+        stop_ids=jnp.full((rows, MAX_STOP_IDS), -1, jnp.int32),
+        done=jnp.ones((rows,), bool),
+    )
+
+
+def filter_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Top-k (k <= 0: off), then nucleus top-p, over each row of temperature-scaled [B, V] logits;
+    tokens tied with the last kept one are kept too."""
+    vocab = scaled.shape[-1]
     ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
@@ -69,80 +128,190 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
     before = jnp.cumsum(probs, axis=-1) - probs
     kept_in_nucleus = jnp.sum(before < top_p[:, None], axis=-1)
     pth = jnp.take_along_axis(ordered, (jnp.maximum(kept_in_nucleus, 1) - 1)[:, None], axis=-1)
-    threshold = jnp.maximum(kth, pth)
-    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    return jnp.where(scaled >= jnp.maximum(kth, pth), scaled, -jnp.inf)
 
 
-def choose_tokens(logits: jax.Array, req: DecodeRequest, step: jax.Array) -> jax.Array:
-    """Samples one token per row; temperature 0 is greedy."""
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(req.keys, step)
-    filtered = filter_logits(logits, req.temperature, req.top_k, req.top_p)
-    sampled = jax.vmap(jax.random.categorical)(keys, filtered)
-    return jnp.where(req.temperature <= 0, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+def draw(
+    logits: jax.Array, keys: jax.Array, index: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """One token per row of [B, V] fp32 logits, drawn with `fold_in(key, index)`; temperature 0 is
+    greedy. Returns the tokens and their logprobs under the unscaled distribution.
+
+    Random draws run only when some row samples, and the sort behind top-k / top-p only when
+    some row asks for it (`lax.cond`); only those rows take their result, so a row's draw never
+    depends on the other rows.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sample(logits: jax.Array) -> jax.Array:
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        wants_filter = (temperature > 0) & ((top_k > 0) | (top_p < 1))
+        filtered = jax.lax.cond(
+            jnp.any(wants_filter),
+            lambda x: jnp.where(wants_filter[:, None], filter_logits(x, top_k, top_p), x),
+            lambda x: x,
+            scaled,
+        )
+        step_keys = jax.vmap(jax.random.fold_in)(keys, index)
+        sampled = jax.vmap(jax.random.categorical)(step_keys, filtered).astype(jnp.int32)
+        return jnp.where(temperature <= 0, greedy, sampled)
+
+    token = jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, logits)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    return token, logprob
 
 
-def _prompt_scores(logits: jax.Array, prompt: jax.Array, topk: int) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-    """Logprob of each prompt token given its prefix (NaN at position 0) and the top-k alternatives."""
+def _hits_stop(token: jax.Array, stop_ids: jax.Array) -> jax.Array:
+    return jnp.any(token[:, None] == stop_ids, axis=-1)
+
+
+def _row_keys(seeds: jax.Array, sample_index: jax.Array) -> jax.Array:
+    """key(seed) for a 64-bit seed (jax.random.key takes 32 bits here), then one stream per sample."""
+
+    def one(seed: jax.Array, index: jax.Array) -> jax.Array:
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed[0]), seed[1]), index)
+
+    return jax.vmap(one)(seeds, sample_index)
+
+
+def _prompt_scores(
+    logits: jax.Array, prompts: jax.Array, topk: int
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Logprob of each prompt token given its prefix (NaN at position 0) and the top-k
+    alternatives at each position (row p - 1 scores position p)."""
     log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    chosen = jnp.take_along_axis(log_probs, prompt[:, 1:, None], axis=-1)[..., 0]
-    nan = jnp.full((prompt.shape[0], 1), jnp.nan, jnp.float32)
-    scores = jnp.concatenate([nan, chosen], axis=1)
+    chosen = jnp.take_along_axis(log_probs, prompts[:, 1:, None], axis=-1)[..., 0]
+    scores = jnp.concatenate([jnp.full((prompts.shape[0], 1), jnp.nan, jnp.float32), chosen], axis=1)
     if topk == 0:
         return scores, None, None
     top_lp, top_ids = jax.lax.top_k(log_probs, topk)
     return scores, top_ids, top_lp
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new", "cache_len", "score_prompt", "topk_prompt"))
-def generate(
+@partial(jax.jit, static_argnames=("graphdef", "score_prompt", "topk_prompt"))
+def prefill(
     graphdef: nnx.GraphDef,
     base: nnx.State,
     lora: nnx.State,
-    req: DecodeRequest,
-    max_new: int,
-    cache_len: int,
+    adm: Admission,
     score_prompt: bool,
     topk_prompt: int,
-) -> DecodeOutput:
+) -> Prefilled:
+    """Runs the U prompts, and draws each entry's first token from its prompt's last position."""
     model = nnx.merge(graphdef, base, lora)
-    adapters = AdapterBatch(req.slots, req.scales)
-    batch, prompt_width = req.prompt.shape
-    caches = model.init_caches(batch, cache_len, base["model"]["embed_tokens"]["weight"].dtype)
-    positions = jnp.broadcast_to(jnp.arange(prompt_width, dtype=jnp.int32), (batch, prompt_width))
-    hidden, caches = model(req.prompt, positions, adapters, caches)
-    last_hidden = jnp.take_along_axis(hidden, (req.prompt_len - 1)[:, None, None], axis=1)
-    logits = model.logits(last_hidden, adapters)[:, 0]
-    prompt_scores = (None, None, None)
+    adapters = AdapterBatch(adm.prompt_slots, adm.prompt_scales, per_row=True)  # at most R prompts
+    u, width = adm.prompts.shape
+    caches = model.init_caches(u, width, base["model"]["embed_tokens"]["weight"].dtype)
+    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (u, width))
+    hidden, caches = model(adm.prompts, positions, adapters, caches)
+    last = jnp.take_along_axis(hidden, (adm.prompt_len - 1)[:, None, None], axis=1)
+    logits = model.logits(last, adapters)[:, 0][adm.source]
+    keys = _row_keys(adm.seeds, adm.sample_index)
+    token, logprob = draw(logits, keys, jnp.zeros_like(adm.sample_index), adm.temperature, adm.top_k, adm.top_p)
+    done = _hits_stop(token, adm.stop_ids) | (adm.max_tokens <= 1)
+    scores = (None, None, None)
     if score_prompt:
-        prompt_scores = _prompt_scores(model.logits(hidden, adapters), req.prompt, topk_prompt)
+        scores = _prompt_scores(model.logits(hidden, adapters), adm.prompts, topk_prompt)
+    return Prefilled(caches, keys, token, logprob, done, *scores)
 
-    def cond(state):
-        step, _, _, _, _, done, _ = state
-        return (step < max_new) & ~jnp.all(done)
 
-    def body(state):
-        step, caches, logits, tokens, logprobs, done, length = state
-        token = choose_tokens(logits, req, step)
-        token_lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
-        tokens = tokens.at[:, step].set(jnp.where(done, 0, token))
-        logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, token_lp))
-        length = length + (~done).astype(jnp.int32)
-        is_stop = jnp.any(token[:, None] == req.stop_ids[None, :], axis=-1)
-        done = done | is_stop | (length >= req.max_tokens)
-        position = (req.prompt_len + step)[:, None]
-        hidden, caches = model(token[:, None], position, adapters, caches)
-        return step + 1, caches, model.logits(hidden, adapters)[:, 0], tokens, logprobs, done, length
+@partial(jax.jit, donate_argnames=("state",))
+def insert(state: DecodeState, adm: Admission, pre: Prefilled) -> DecodeState:
+    """Moves admitted entries into their decode rows: cache prefix, first token and controls."""
+    rows, src = adm.rows, adm.source
+    width = pre.caches[0].k.shape[1]
+
+    def put(x: jax.Array, value: jax.Array) -> jax.Array:
+        return x.at[rows].set(value, mode="drop")
+
+    caches = [
+        KVCache(c.k.at[rows, :width].set(p.k[src], mode="drop"), c.v.at[rows, :width].set(p.v[src], mode="drop"))
+        for c, p in zip(state.caches, pre.caches, strict=True)
+    ]
+    return DecodeState(
+        caches=caches,
+        token=put(state.token, pre.token),
+        position=put(state.position, adm.prompt_len[src]),
+        generated=put(state.generated, jnp.ones_like(pre.token)),
+        max_tokens=put(state.max_tokens, adm.max_tokens),
+        slots=put(state.slots, adm.prompt_slots[src]),
+        scales=put(state.scales, adm.prompt_scales[src]),
+        temperature=put(state.temperature, adm.temperature),
+        top_k=put(state.top_k, adm.top_k),
+        top_p=put(state.top_p, adm.top_p),
+        keys=put(state.keys, pre.keys),
+        stop_ids=put(state.stop_ids, adm.stop_ids),
+        done=put(state.done, pre.done),
+    )
+
+
+def _decode_rows(model: nnx.Module, state: DecodeState, steps: int) -> tuple[DecodeState, jax.Array, jax.Array]:
+    adapters = AdapterBatch(state.slots, state.scales, per_row=True)  # one token per row: gather each row's LoRA
+    rows = state.token.shape[0]
+
+    def cond(carry):
+        i, *_, done, _, _ = carry
+        return (i < steps) & ~jnp.all(done)
+
+    def body(carry):
+        i, caches, token, position, generated, done, out_tokens, out_logprobs = carry
+        hidden, caches = model(token[:, None], position[:, None], adapters, caches)
+        logits = model.logits(hidden, adapters)[:, 0]
+        new, logprob = draw(logits, state.keys, generated, state.temperature, state.top_k, state.top_p)
+        live = ~done
+        out_tokens = out_tokens.at[:, i].set(jnp.where(live, new, -1))
+        out_logprobs = out_logprobs.at[:, i].set(jnp.where(live, logprob, 0.0))
+        generated = generated + live
+        done = done | (live & (_hits_stop(new, state.stop_ids) | (generated >= state.max_tokens)))
+        return i + 1, caches, jnp.where(live, new, token), position + live, generated, done, out_tokens, out_logprobs
 
     init = (
         jnp.int32(0),
-        caches,
-        logits,
-        jnp.zeros((batch, max_new), jnp.int32),
-        jnp.zeros((batch, max_new), jnp.float32),
-        req.max_tokens <= 0,
-        jnp.zeros((batch,), jnp.int32),
+        state.caches,
+        state.token,
+        state.position,
+        state.generated,
+        state.done,
+        jnp.full((rows, steps), -1, jnp.int32),
+        jnp.zeros((rows, steps), jnp.float32),
     )
-    _, _, _, tokens, logprobs, _, length = jax.lax.while_loop(cond, body, init)
-    last = jnp.take_along_axis(tokens, jnp.maximum(length - 1, 0)[:, None], axis=1)[:, 0]
-    stopped = (length > 0) & jnp.any(last[:, None] == req.stop_ids[None, :], axis=-1)
-    return DecodeOutput(tokens, logprobs, length, stopped, *prompt_scores)
+    _, caches, token, position, generated, done, out_tokens, out_logprobs = jax.lax.while_loop(cond, body, init)
+    new_state = replace(state, caches=caches, token=token, position=position, generated=generated, done=done)
+    return new_state, out_tokens, out_logprobs
+
+
+@partial(jax.jit, static_argnames=("graphdef", "steps", "live_rows"), donate_argnames=("state",))
+def decode(
+    graphdef: nnx.GraphDef,
+    base: nnx.State,
+    lora: nnx.State,
+    state: DecodeState,
+    finish: jax.Array,
+    steps: int,
+    live_rows: int,
+) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """Up to `steps` tokens for every live row (fewer once all are done), after ending the rows
+    in `finish`. Only the first `live_rows` rows are computed (every later row must be done), so
+    a lightly used batch costs what its live rows cost. Returns the new state and
+    [live_rows, steps] tokens and logprobs, -1 / 0 where a row was done."""
+    model = nnx.merge(graphdef, base, lora)
+    state = replace(state, done=state.done | finish)
+    if live_rows == state.token.shape[0]:
+        return _decode_rows(model, state, steps)
+    head = jax.tree.map(lambda x: x[:live_rows], state)
+    head, out_tokens, out_logprobs = _decode_rows(model, head, steps)
+    return jax.tree.map(lambda x, h: x.at[:live_rows].set(h), state, head), out_tokens, out_logprobs
+
+
+@partial(jax.jit, static_argnames=("length",))
+def resize(state: DecodeState, length: int) -> DecodeState:
+    """The same rows with a cache of `length` positions (cut or zero-extended at the end)."""
+
+    def fit(x: jax.Array) -> jax.Array:
+        current = x.shape[1]
+        if length <= current:
+            return x[:, :length]
+        return jnp.pad(x, ((0, 0), (0, length - current), (0, 0), (0, 0)))
+
+    caches = [KVCache(fit(c.k), fit(c.v)) for c in state.caches]
+    return replace(state, caches=caches)

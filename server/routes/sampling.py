@@ -26,6 +26,7 @@ from server.wire.types import (
     SamplingParamsBody,
     UntypedAPIFuture,
 )
+from server.worker import SampleItem
 from tuft_jax.errors import InputError
 from tuft_jax.types import SampleResult, SamplingParams
 
@@ -88,22 +89,19 @@ async def asample(request: Request) -> Response:
     prompt = prompt_tokens(body.prompt)
     params = sampling_params(body.sampling_params, engine.eos_token_id)
     last_n = _check_sample_options(body, prompt.size)
-    engine.check_sample(prompt, body.num_samples, params)
-    prompt_logprobs = bool(body.prompt_logprobs)
-
-    def run(e: EngineAPI) -> bytes:
-        result = e.sample(
-            sampler.require_slot(),
-            prompt,
-            body.num_samples,
-            params,
-            prompt_logprobs=prompt_logprobs,
-            topk_prompt_logprobs=body.topk_prompt_logprobs,
-        )
-        return encode_sample_response(_keep_last_prompt_positions(result, last_n))
-
+    engine.check_sample(prompt, body.num_samples, params, topk_prompt_logprobs=body.topk_prompt_logprobs)
+    item = SampleItem(
+        slot=sampler.require_slot(),
+        prompt=prompt,
+        num_samples=body.num_samples,
+        params=params,
+        prompt_logprobs=bool(body.prompt_logprobs),
+        topk_prompt_logprobs=body.topk_prompt_logprobs,
+        finish=lambda result: encode_sample_response(_keep_last_prompt_positions(result, last_n)),
+    )
+    outcome = service.workers[sampler.base_model].sample(item)  # 429 (CapacityError) when the queue is full
     request_id = service.futures.create()
-    service.futures.settle_from(request_id, service.workers[sampler.base_model].call(run))
+    service.futures.settle_from(request_id, outcome)
     tag = request_id if body.seq_id is None else body.seq_id
     reply = UntypedAPIFuture(
         request_id=request_id,

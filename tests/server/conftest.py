@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +47,11 @@ class FakeEngine:
         self.eos_token_id = 2
         self.max_adapters = max_adapters
         self.max_rank = max_rank
+        self.max_lora_rank = max_rank
         self.adapters: dict[int, dict[str, Any]] = {}
         self.forward_batches: list[list[int]] = []
         self.gate: threading.Event | None = None
+        self.sample_queue: deque[tuple[Callable[[], SampleResult], int, Callable[..., None]]] = deque()
 
     def _wait(self) -> None:
         if self.gate is not None:
@@ -143,10 +147,20 @@ class FakeEngine:
             raise InputError("checkpoint has no optimizer state")
         return self._allocate(LoraConfig(rank=meta["rank"]), meta["weight"])
 
+    def export_peft(self, slot: int, directory: Path) -> int:
+        adapter = self._adapter(slot)
+        directory.mkdir(parents=True)
+        config = {"peft_type": "LORA", "r": adapter["lora"].rank, "base_model_name_or_path": self.name}
+        (directory / "adapter_config.json").write_text(json.dumps(config))
+        (directory / "adapter_model.safetensors").write_bytes(np.float32(adapter["weight"]).tobytes())
+        return sum(f.stat().st_size for f in directory.iterdir())
+
     def adapter_config(self, slot: int) -> LoraConfig:
         return self._adapter(slot)["lora"]
 
-    def check_sample(self, prompt: np.ndarray, num_samples: int, params: SamplingParams) -> None:
+    def check_sample(
+        self, prompt: np.ndarray, num_samples: int, params: SamplingParams, *, topk_prompt_logprobs: int = 0
+    ) -> None:
         if prompt.max() >= VOCAB:
             raise InputError("prompt token id out of range")
         if prompt.size + params.max_tokens > self.max_context_length:
@@ -186,6 +200,38 @@ class FakeEngine:
         if topk_prompt_logprobs:
             result.topk_prompt_logprobs = [[]] + [[(1, -0.1)] * topk_prompt_logprobs] * (prompt.size - 1)
         return result
+
+    def submit_sample(
+        self,
+        slot: int,
+        prompt: np.ndarray,
+        num_samples: int,
+        params: SamplingParams,
+        *,
+        prompt_logprobs: bool,
+        topk_prompt_logprobs: int,
+        on_done: Callable[[SampleResult | None, BaseException | None], None],
+    ) -> None:
+        """Queued; each `step_sampling` completes the oldest request with `sample`."""
+        run = lambda: self.sample(  # noqa: E731
+            slot, prompt, num_samples, params, prompt_logprobs=prompt_logprobs, topk_prompt_logprobs=topk_prompt_logprobs
+        )
+        self.sample_queue.append((run, num_samples, on_done))
+
+    def step_sampling(self) -> None:
+        run, _, on_done = self.sample_queue.popleft()
+        try:
+            result = run()
+        except Exception as exc:
+            on_done(None, exc)
+            return
+        on_done(result, None)
+
+    def has_sampling_work(self) -> bool:
+        return bool(self.sample_queue)
+
+    def queued_sample_rows(self) -> int:
+        return sum(n for _, n, _ in self.sample_queue)
 
 
 FAST_OPTIONS = ServerOptions(future_hold_s=2.0, session_timeout_s=60.0, sweep_interval_s=3600.0)
@@ -246,3 +292,24 @@ class Api:
 @pytest.fixture
 def api(client: TestClient) -> Api:
     return Api(client)
+
+
+@pytest.fixture
+def make_client(tmp_path: Path) -> Callable[..., TestClient]:
+    """`make_client(engine, root=None, api_key=API_KEY, **option_overrides)`: a client for a new
+    app on `root` (default `tmp_path/checkpoints`, shared with `client`), to enter with `with`.
+    Two apps on one root are a server and the same server restarted."""
+
+    def make(engine: FakeEngine, root: Path | None = None, *, api_key: str | None = API_KEY, **options: Any) -> TestClient:
+        app = build_app(
+            {engine.name: engine}, root or tmp_path / "checkpoints", options=dataclasses.replace(FAST_OPTIONS, **options)
+        )
+        headers = {"X-API-Key": api_key} if api_key else {}
+        return TestClient(app, headers=headers, raise_server_exceptions=False)
+
+    return make
+
+
+@pytest.fixture
+def make_api() -> type[Api]:
+    return Api

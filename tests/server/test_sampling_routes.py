@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 from starlette.testclient import TestClient
@@ -116,6 +117,21 @@ def test_sampling_session_from_saved_weights(api, client: TestClient, engine) ->
     assert client.post("/api/v1/create_sampling_session", json=missing).status_code == 404
     neither = {"session_id": session, "sampling_session_seq_id": 3}
     assert client.post("/api/v1/create_sampling_session", json=neither).status_code == 400
+
+
+def test_asample_answers_429_while_the_sample_queue_is_full(api, client: TestClient, engine) -> None:
+    """Backpressure: a JSON 429 (never 409) that the SDK retries with the same seq_id."""
+    sampler_id = base_sampler(api)
+    client.app.state.service.workers[engine.name].max_queued_sample_rows = 2
+    engine.gate = threading.Event()  # the engine is busy: nothing leaves the queue
+    first = api.post("asample", sample_body(sampler_id, 0))  # 2 samples waiting
+    refused = client.post("/api/v1/asample", json=sample_body(sampler_id, 1, num_samples=1))
+    assert refused.status_code == 429 and "full" in refused.json()["detail"]
+    engine.gate.set()
+    assert len(deserialize_sample_response(api.result(first["request_id"])).sequences) == 2
+    retried = api.post("asample", sample_body(sampler_id, 1, num_samples=1))  # not remembered as answered
+    assert retried["request_id"] != first["request_id"]
+    assert len(deserialize_sample_response(api.result(retried["request_id"])).sequences) == 1
 
 
 def test_sampling_params_stop_semantics() -> None:
