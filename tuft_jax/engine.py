@@ -6,8 +6,10 @@ worker); validation (`check_*`) is cheap, host-only and safe to call from anywhe
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -20,7 +22,7 @@ from transformers import AutoTokenizer
 from tuft_jax import adapters, checkpoints, losses, peft_export
 from tuft_jax.batching import build_train_batch
 from tuft_jax.decode_scheduler import DecodeScheduler, SampleJob
-from tuft_jax.errors import InputError
+from tuft_jax.errors import CapacityError, InputError
 from tuft_jax.model_registry import BaseModelSpec
 from tuft_jax.models.decoder import LoraShape
 from tuft_jax.models.hf_weights import load_causal_lm
@@ -39,6 +41,14 @@ DECODE_CHUNK = 16
 
 def _random_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
+
+
+@dataclass
+class _Parked:
+    """An adapter moved out of the device slots: its weights, AdamW state and pending gradients."""
+
+    config: LoraConfig
+    tree: dict
 
 
 class Engine:
@@ -63,6 +73,11 @@ class Engine:
         self.grads = jax.tree.map(jnp.zeros_like, self.lora)
         self.opt_state = place_like_params(init_optimizer_state(self.lora), self.mesh)
         self.steps: dict[int, int] = {}
+        self._slot_of: dict[int, int] = {}
+        self._parked: dict[int, _Parked] = {}
+        self._last_use: dict[int, int] = {}
+        self._clock = itertools.count(1)
+        self._ids = itertools.count(1)
         self.tokenizer = AutoTokenizer.from_pretrained(spec.path)
         eos = self.config.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.eos_token_id = int(eos[0])
@@ -81,38 +96,99 @@ class Engine:
         self._release_when_idle: set[int] = set()
 
     # ---- adapters -------------------------------------------------------------------------
+    #
+    # Callers hold adapter ids; the device holds a fixed number of slots. When the slots run out,
+    # the least recently used adapter that no sample is reading is parked in host memory (with
+    # its optimizer state and pending gradients) and brought back on its next use, so sampler
+    # snapshots taken every RL step never exhaust the slots.
 
-    def create_adapter(self, lora: LoraConfig) -> int:
-        slot = self.slots.allocate(lora)
-        seed = _random_seed() if lora.seed is None else lora.seed
-        self.lora = adapters.init_slot(
-            self.lora, jnp.int32(slot), jax.random.key(seed), jnp.int32(lora.rank), jnp.asarray(adapters.group_flags(lora))
-        )
-        self.steps[slot] = 0
-        return slot
+    def _touch(self, adapter: int) -> None:
+        self._last_use[adapter] = next(self._clock)
 
-    def release_adapter(self, slot: int) -> None:
-        """Frees the slot, once no queued or running sample reads it any more."""
-        if slot == 0:
-            return
-        if self.decoder.uses_slot(slot):
-            self._release_when_idle.add(slot)
-            return
-        self._release_when_idle.discard(slot)
+    def _allocate(self, config: LoraConfig, keep: Collection[int] = ()) -> int:
+        while True:
+            try:
+                return self.slots.allocate(config)
+            except CapacityError:
+                if not self._park_least_recent(keep):
+                    raise
+
+    def _park_least_recent(self, keep: Collection[int]) -> bool:
+        candidates = [a for a, slot in self._slot_of.items() if a not in keep and not self.decoder.uses_slot(slot)]
+        if not candidates:
+            return False
+        victim = min(candidates, key=self._last_use.__getitem__)
+        slot = self._slot_of.pop(victim)
+        tree = self._slot_tree(slot, with_optimizer=True, with_grads=True)
+        self._parked[victim] = _Parked(self.slots.config(slot), tree)
+        self._clear_slot(slot)
+        return True
+
+    def device_slot(self, adapter: int, keep: Collection[int] = ()) -> int:
+        """The device slot holding `adapter` (0 is the bare base model), unparking it if needed."""
+        if adapter == 0:
+            return 0
+        if adapter not in self._slot_of:
+            parked = self._parked.get(adapter)
+            if parked is None:
+                raise InputError(f"adapter {adapter} does not exist on this base model")
+            slot = self._allocate(parked.config, keep={*keep, adapter})
+            self._write_slot(slot, parked.tree)
+            del self._parked[adapter]
+            self._slot_of[adapter] = slot
+        self._touch(adapter)
+        return self._slot_of[adapter]
+
+    def _new_adapter(self, config: LoraConfig, keep: Collection[int] = ()) -> tuple[int, int]:
+        slot = self._allocate(config, keep)
+        adapter = next(self._ids)
+        self._slot_of[adapter] = slot
+        self._touch(adapter)
+        return adapter, slot
+
+    def _clear_slot(self, slot: int) -> None:
         self.slots.release(slot)
-        self.steps.pop(slot, None)
         index = jnp.int32(slot)
         self.lora = adapters.clear_slot(self.lora, index)
         self.grads = adapters.clear_slot(self.grads, index)
         self.opt_state = adapters.clear_slot(self.opt_state, index)
 
-    def adapter_config(self, slot: int) -> LoraConfig:
-        return self.slots.config(slot)
+    def create_adapter(self, lora: LoraConfig) -> int:
+        adapter, slot = self._new_adapter(lora)
+        seed = _random_seed() if lora.seed is None else lora.seed
+        self.lora = adapters.init_slot(
+            self.lora, jnp.int32(slot), jax.random.key(seed), jnp.int32(lora.rank), jnp.asarray(adapters.group_flags(lora))
+        )
+        self.steps[adapter] = 0
+        return adapter
 
-    def snapshot_adapter(self, slot: int) -> int:
-        """A frozen copy for a sampler: later training of `slot` does not change it."""
-        new = self.slots.allocate(self.slots.config(slot))
-        self.lora = adapters.copy_slot(self.lora, jnp.int32(slot), jnp.int32(new))
+    def release_adapter(self, adapter: int) -> None:
+        """Frees the adapter, once no queued or running sample reads it any more."""
+        if adapter == 0:
+            return
+        slot = self._slot_of.get(adapter)
+        if slot is not None and self.decoder.uses_slot(slot):
+            self._release_when_idle.add(adapter)
+            return
+        self._release_when_idle.discard(adapter)
+        self._parked.pop(adapter, None)
+        self._last_use.pop(adapter, None)
+        self.steps.pop(adapter, None)
+        if slot is not None:
+            del self._slot_of[adapter]
+            self._clear_slot(slot)
+
+    def adapter_config(self, adapter: int) -> LoraConfig:
+        if adapter in self._parked:
+            return self._parked[adapter].config
+        return self.slots.config(self.device_slot(adapter))
+
+    def snapshot_adapter(self, adapter: int) -> int:
+        """A frozen copy for a sampler: later training of `adapter` does not change it."""
+        source = self.device_slot(adapter)
+        new, slot = self._new_adapter(self.slots.config(source), keep={adapter})
+        self.lora = adapters.copy_slot(self.lora, jnp.int32(source), jnp.int32(slot))
+        self.steps[new] = self.steps.get(adapter, 0)
         return new
 
     # ---- training -------------------------------------------------------------------------
@@ -130,9 +206,9 @@ class Engine:
     def forward_backward(
         self, batch: list[tuple[int, list[Datum]]], loss_fn: str, loss_config: dict[str, float], forward_only: bool
     ) -> list[ForwardResult]:
-        for slot, _ in batch:
-            self.slots.config(slot)
-        rows = [(slot, datum) for slot, datums in batch for datum in datums]
+        in_batch = {adapter for adapter, _ in batch}
+        slot_of = {adapter: self.device_slot(adapter, keep=in_batch) for adapter in in_batch}
+        rows = [(slot_of[adapter], datum) for adapter, datums in batch for datum in datums]
         fill = {
             key: float(loss_config.get(key, 1.0))
             for _, datum in rows
@@ -168,31 +244,48 @@ class Engine:
             results.append(ForwardResult(outputs=outputs, metrics={"loss:sum": loss}))
         return results
 
-    def optim_step(self, slot: int, params: AdamParams) -> dict[str, float]:
-        self.slots.config(slot)
+    def optim_step(self, adapter: int, params: AdamParams) -> dict[str, float]:
+        slot = self.device_slot(adapter)
         hyper = jnp.asarray(
             [params.learning_rate, params.beta1, params.beta2, params.eps, params.weight_decay, params.grad_clip_norm],
             jnp.float32,
         )
         self.lora, self.opt_state, self.grads, norm = adamw_step(self.lora, self.opt_state, self.grads, jnp.int32(slot), hyper)
-        self.steps[slot] = self.steps.get(slot, 0) + 1
+        self.steps[adapter] = self.steps.get(adapter, 0) + 1
         return {"grad_norm:mean": float(norm)}
 
     # ---- checkpoints ----------------------------------------------------------------------
 
-    def _slot_tree(self, slot: int, with_optimizer: bool) -> dict:
+    def _slot_tree(self, slot: int, with_optimizer: bool, with_grads: bool = False) -> dict:
         tree = {"lora": nnx.to_pure_dict(self.lora)}
         if with_optimizer:
             tree["opt"] = self.opt_state
+        if with_grads:
+            tree["grads"] = nnx.to_pure_dict(self.grads)
         return jax.tree.map(lambda x: np.asarray(x[slot]), tree)
 
-    def save_adapter(self, slot: int, directory: Path, *, with_optimizer: bool) -> int:
-        """Writes an Orbax checkpoint of the slot; returns its size in bytes."""
+    def _write_slot(self, slot: int, tree: dict) -> None:
+        """Installs a `_slot_tree` (any of lora / opt / grads it has) into `slot`."""
+        index = jnp.int32(slot)
+
+        def put(state: nnx.State, values: dict) -> nnx.State:
+            leaves = zip(nnx.to_flat_state(state), jax.tree.leaves(values), strict=True)
+            return nnx.from_flat_state([(path, var.replace(var[...].at[index].set(v))) for (path, var), v in leaves])
+
+        self.lora = put(self.lora, tree["lora"])
+        if "grads" in tree:
+            self.grads = put(self.grads, tree["grads"])
+        if "opt" in tree:
+            self.opt_state = jax.tree.map(lambda x, v: x.at[index].set(v), self.opt_state, tree["opt"])
+
+    def save_adapter(self, adapter: int, directory: Path, *, with_optimizer: bool) -> int:
+        """Writes an Orbax checkpoint of the adapter; returns its size in bytes."""
+        slot = self.device_slot(adapter)
         metadata = checkpoints.AdapterMetadata(
             base_model=self.name,
             lora=self.slots.config(slot),
             alpha=adapters.LORA_ALPHA,
-            step=self.steps.get(slot, 0),
+            step=self.steps.get(adapter, 0),
             has_optimizer=with_optimizer,
         )
         return checkpoints.save_adapter(directory, self._slot_tree(slot, with_optimizer), metadata)
@@ -203,25 +296,19 @@ class Engine:
             raise InputError(f"checkpoint was trained on {metadata.base_model!r}, not {self.name!r}")
         if with_optimizer and not metadata.has_optimizer:
             raise InputError("checkpoint has no optimizer state (it was saved for sampling)")
-        slot = self.slots.allocate(metadata.lora)
-        try:
-            tree = checkpoints.load_adapter(directory, self._slot_tree(0, metadata.has_optimizer), self.spec.max_lora_rank)
-        except Exception:
-            self.slots.release(slot)
-            raise
-        index = jnp.int32(slot)
-        self.lora = nnx.from_flat_state(
-            [(path, var.replace(var[...].at[index].set(value))) for (path, var), value in zip(
-                nnx.to_flat_state(self.lora), jax.tree.leaves(tree["lora"]), strict=True
-            )]
-        )
-        if with_optimizer:
-            self.opt_state = jax.tree.map(lambda x, v: x.at[index].set(v), self.opt_state, tree["opt"])
-        self.steps[slot] = metadata.step
-        return slot
+        if metadata.lora.rank > self.spec.max_lora_rank:
+            raise InputError(f"checkpoint rank {metadata.lora.rank} exceeds this model's max LoRA rank {self.spec.max_lora_rank}")
+        tree = checkpoints.load_adapter(directory, self._slot_tree(0, metadata.has_optimizer), self.spec.max_lora_rank)
+        if not with_optimizer:
+            tree.pop("opt", None)
+        adapter, slot = self._new_adapter(metadata.lora)
+        self._write_slot(slot, tree)
+        self.steps[adapter] = metadata.step
+        return adapter
 
-    def export_peft(self, slot: int, directory: Path) -> int:
-        """Writes the slot as a standard PEFT LoRA adapter (what other tools load); returns its size in bytes."""
+    def export_peft(self, adapter: int, directory: Path) -> int:
+        """Writes the adapter as a standard PEFT LoRA adapter (what other tools load); returns its size in bytes."""
+        slot = self.device_slot(adapter)
         config = self.slots.config(slot)
         flat = nnx.to_flat_state(self.lora)
         values = jax.device_get([var[...][slot] for _, var in flat])
@@ -269,7 +356,7 @@ class Engine:
 
     def submit_sample(
         self,
-        slot: int,
+        adapter: int,
         prompt: np.ndarray,
         num_samples: int,
         params: SamplingParams,
@@ -281,10 +368,9 @@ class Engine:
         """Queues a request for the decode rows; `on_done(result, error)` runs (on this thread, in a
         later `step_sampling`) once all its samples have finished."""
         self.check_sample(prompt, num_samples, params, topk_prompt_logprobs=topk_prompt_logprobs)
-        if slot != 0:
-            self.slots.config(slot)
-            if slot in self._release_when_idle:
-                raise InputError(f"adapter slot {slot} is being released")
+        if adapter in self._release_when_idle:
+            raise InputError(f"adapter {adapter} is being released")
+        slot = self.device_slot(adapter)
         seed = int.from_bytes(os.urandom(8), "little") if params.seed is None else params.seed
         self.decoder.submit(
             SampleJob(
@@ -313,12 +399,12 @@ class Engine:
         try:
             self.decoder.step()
         finally:
-            for slot in [s for s in self._release_when_idle if not self.decoder.uses_slot(s)]:
-                self.release_adapter(slot)
+            for adapter in [a for a in self._release_when_idle if not self.decoder.uses_slot(self._slot_of[a])]:
+                self.release_adapter(adapter)
 
     def sample(
         self,
-        slot: int,
+        adapter: int,
         prompt: np.ndarray,
         num_samples: int,
         params: SamplingParams,
@@ -334,7 +420,7 @@ class Engine:
             outcome.append(error if error is not None else result)  # type: ignore[arg-type]
 
         self.submit_sample(
-            slot,
+            adapter,
             prompt,
             num_samples,
             params,

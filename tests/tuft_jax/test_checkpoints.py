@@ -70,9 +70,7 @@ def test_round_trip_keeps_layer_order_past_ten_layers(make_engine, tmp_path: Pat
     to its own place (same-shaped layers would otherwise swap silently)."""
     dims = dict(num_hidden_layers=12, hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1)
     engine = make_engine(**dims)
-    # Take the slot without create_adapter: compiling its per-tensor init for 12 layers costs ~5 s
-    # on CPU, and the values come from set_slot anyway.
-    slot = engine.slots.allocate(LoraConfig(rank=4, seed=0))
+    slot = engine.create_adapter(LoraConfig(rank=4, seed=0))
     set_slot(engine, slot, random_lora(engine, 4, seed=1))
     engine.save_adapter(slot, tmp_path / "deep", with_optimizer=False)
     loaded = engine.load_adapter(tmp_path / "deep", with_optimizer=False)
@@ -108,7 +106,7 @@ def test_checkpoint_of_another_base_model_is_rejected(make_engine, tmp_path: Pat
 
 def test_checkpoint_with_rank_above_max_rank_is_rejected(make_engine, tmp_path: Path) -> None:
     big = make_engine(max_lora_rank=16)  # same base model name, larger rank limit
-    big.save_adapter(big.slots.allocate(LoraConfig(rank=12, seed=0)), tmp_path / "big", with_optimizer=False)
+    big.save_adapter(big.create_adapter(LoraConfig(rank=12, seed=0)), tmp_path / "big", with_optimizer=False)
     engine = make_engine()
     with pytest.raises(InputError, match="rank"):
         engine.load_adapter(tmp_path / "big", with_optimizer=False)

@@ -7,7 +7,7 @@ import pytest
 from engine_testing import CONTEXT, MAX_ADAPTERS, MAX_RANK, next_token_datum, random_sequences, slot_arrays, tree_slot
 
 from tuft_jax.adapters import leaf_group
-from tuft_jax.errors import CapacityError, InputError
+from tuft_jax.errors import InputError
 from tuft_jax.engine import Engine
 from tuft_jax.types import AdamParams, Datum, LoraConfig, SamplingParams
 
@@ -59,29 +59,55 @@ def test_adapter_config_is_validated(engine: Engine) -> None:
     assert engine.slots.configs == {}
 
 
-def test_capacity_release_and_slot_reuse(engine: Engine) -> None:
-    slots = [engine.create_adapter(LoraConfig(rank=MAX_RANK, seed=i)) for i in range(MAX_ADAPTERS)]
-    assert sorted(slots) == list(range(1, MAX_ADAPTERS + 1))
-    with pytest.raises(CapacityError):
-        engine.create_adapter(LoraConfig(rank=2))
-    victim = slots[1]
-    _train(engine, victim, steps=1)
-    engine.forward_backward([(victim, [next_token_datum(SEQ)])], "cross_entropy", {}, False)  # pending grads
-    engine.release_adapter(victim)
+def test_release_clears_the_slot_for_reuse(engine: Engine) -> None:
+    first = engine.create_adapter(LoraConfig(rank=MAX_RANK, seed=0))
+    _train(engine, first, steps=1)
+    engine.forward_backward([(first, [next_token_datum(SEQ)])], "cross_entropy", {}, False)  # pending grads
+    slot = engine.device_slot(first)
+    engine.release_adapter(first)
     for tree in (engine.lora, engine.grads):
-        assert not any(np.any(x) for x in slot_arrays(tree, victim).values())
-    assert not any(np.any(x) for x in tree_slot(engine.opt_state, victim))
-    with pytest.raises(InputError, match="not in use"):
-        engine.forward_backward([(victim, [next_token_datum(SEQ)])], "cross_entropy", {}, True)
-    with pytest.raises(InputError, match="not in use"):
-        engine.optim_step(victim, AdamParams())
+        assert not any(np.any(x) for x in slot_arrays(tree, slot).values())
+    assert not any(np.any(x) for x in tree_slot(engine.opt_state, slot))
+    with pytest.raises(InputError, match="does not exist"):
+        engine.forward_backward([(first, [next_token_datum(SEQ)])], "cross_entropy", {}, True)
+    with pytest.raises(InputError, match="does not exist"):
+        engine.optim_step(first, AdamParams())
 
     reused = engine.create_adapter(LoraConfig(rank=2, seed=0))
-    assert reused == victim and engine.steps[reused] == 0
-    fresh = slot_arrays(engine.lora, reused)
+    assert reused != first and engine.device_slot(reused) == slot and engine.steps[reused] == 0
+    fresh = slot_arrays(engine.lora, slot)
     assert not any(np.any(v) for k, v in fresh.items() if k.endswith("lora_b"))
     assert not any(np.any(v[:, 2:]) for k, v in fresh.items() if k.endswith("lora_a"))
-    engine.release_adapter(0)  # the base model slot cannot be released
+    engine.release_adapter(0)  # the base model cannot be released
+    assert len(engine.slots.configs) == 1
+
+
+def test_more_adapters_than_slots_park_the_least_recently_used(engine: Engine) -> None:
+    """Past the slot count, the least recently used adapter moves to host memory with its
+    optimizer state and pending gradients, and comes back intact on its next use."""
+    ids = [engine.create_adapter(LoraConfig(rank=MAX_RANK, seed=i)) for i in range(MAX_ADAPTERS)]
+    oldest = ids[0]
+    _train(engine, oldest, steps=1)
+    engine.forward_backward([(oldest, [next_token_datum(SEQ)])], "cross_entropy", {}, False)
+    slot = engine.device_slot(oldest)
+    before = {name: slot_arrays(tree, slot) for name, tree in (("lora", engine.lora), ("grads", engine.grads))}
+    opt_before = tree_slot(engine.opt_state, slot)
+    for adapter in ids[1:]:
+        engine.forward_backward([(adapter, [next_token_datum(SEQ)])], "cross_entropy", {}, True)
+
+    extra = [engine.create_adapter(LoraConfig(rank=2, seed=9)), engine.create_adapter(LoraConfig(rank=2, seed=10))]
+    assert len(engine.slots.configs) == MAX_ADAPTERS
+    assert engine.adapter_config(oldest).rank == MAX_RANK  # parked, still known
+    engine.optim_step(extra[0], AdamParams())
+
+    slot = engine.device_slot(oldest)  # brought back, parking another one
+    for name, tree in (("lora", engine.lora), ("grads", engine.grads)):
+        restored = slot_arrays(tree, slot)
+        for key, value in before[name].items():
+            np.testing.assert_array_equal(restored[key], value, err_msg=f"{name} {key}")
+    for restored, value in zip(tree_slot(engine.opt_state, slot), opt_before, strict=True):
+        np.testing.assert_array_equal(restored, value)
+    assert engine.steps[oldest] == 1
     assert len(engine.slots.configs) == MAX_ADAPTERS
 
 
