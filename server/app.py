@@ -18,6 +18,7 @@ from server.config import ServerOptions
 from server.engine_api import EngineAPI
 from server.errors import EXCEPTION_HANDLERS, UnexpectedErrorMiddleware
 from server.futures import FutureRegistry
+from server import metrics
 from server.routes import bootstrap, futures, rest, sampling, training
 from server.service import Service
 from server.sessions import Sessions, utc_now
@@ -49,6 +50,7 @@ def build_app(
         store=store,
         futures=FutureRegistry(ttl_s=options.future_ttl_s, journal=store),
         sessions=Sessions(store, timeout_s=options.session_timeout_s),
+        metrics=metrics.Metrics(),
     )
     keys = ApiKeyAuth(store, options.auth, cache_s=options.auth_cache_s)
 
@@ -66,9 +68,10 @@ def build_app(
         finally:
             sweeper.cancel()
             await asyncio.to_thread(service.stop)
+            service.metrics.close()
 
     app = Starlette(
-        routes=[*bootstrap.routes, *training.routes, *sampling.routes, *futures.routes, *rest.routes],
+        routes=[*bootstrap.routes, *training.routes, *sampling.routes, *futures.routes, *rest.routes, *metrics.routes],
         middleware=[Middleware(UnexpectedErrorMiddleware), Middleware(RequireApiKey, keys=keys)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

@@ -24,6 +24,7 @@ from server.errors import error_response
 
 _API_KEY_HEADER = b"x-api-key"
 _EXEMPT_SUFFIX = "/healthz"
+_EXEMPT_PATHS = frozenset({"/metrics"})
 _SIGNED_DOWNLOAD = re.compile(r"/api/v1/training_runs/[^/]+/checkpoints/[^/]+/[^/]+/archive")
 
 _owner: ContextVar[str | None] = ContextVar("tuft_owner", default=None)
@@ -45,7 +46,7 @@ class RequireApiKey:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].endswith(_EXEMPT_SUFFIX) or _signed_download(scope):
+        if scope["type"] != "http" or scope["path"].endswith(_EXEMPT_SUFFIX) or scope["path"] in _EXEMPT_PATHS or _signed_download(scope):
             await self.app(scope, receive, send)
             return
         key = next((value for name, value in scope["headers"] if name == _API_KEY_HEADER), b"")

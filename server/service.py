@@ -16,6 +16,7 @@ from server.config import ServerOptions
 from server.engine_api import EngineAPI
 from server.errors import NotFound
 from server.futures import FutureRegistry
+from server.metrics import Metrics
 from server.paths import CheckpointRef
 from server.runtime import BASE_MODEL_SLOT, LiveModel, LiveSampler
 from server.sequencer import Sequencer
@@ -62,6 +63,7 @@ class Service:
     store: Store
     futures: FutureRegistry
     sessions: Sessions
+    metrics: Metrics
     sequencer: Sequencer = field(default_factory=Sequencer)
     workers: dict[str, EngineWorker] = field(init=False)
     models: dict[str, LiveModel] = field(default_factory=dict)
@@ -74,9 +76,12 @@ class Service:
                 engine,
                 max_batch_datums=self.options.max_batch_datums,
                 max_queued_sample_rows=self.options.max_queued_sample_rows,
+                metrics=self.metrics,
             )
             for name, engine in self.engines.items()
         }
+        for name, worker in self.workers.items():
+            self.metrics.watch_queue(name, worker.queue_depth)
 
     @staticmethod
     def of(request: Request) -> Service:

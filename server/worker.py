@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from server.engine_api import EngineAPI
+from server.metrics import Metrics
 from tuft_jax.errors import CapacityError
 from tuft_jax.types import Datum, ForwardResult, SampleResult, SamplingParams
 
@@ -76,8 +78,13 @@ class _Job:
 
 
 class EngineWorker:
-    def __init__(self, engine: EngineAPI, *, max_batch_datums: int, max_queued_sample_rows: int) -> None:
+    def __init__(
+        self, engine: EngineAPI, *, max_batch_datums: int, max_queued_sample_rows: int, metrics: Metrics | None = None
+    ) -> None:
         self.engine = engine
+        self._metrics = metrics
+        self._sampled_tokens = 0
+        """Tokens of the sample requests completed during the current decode step."""
         self._max_batch_datums = max_batch_datums
         self.max_queued_sample_rows = max_queued_sample_rows
         self._jobs: deque[_Job] = deque()
@@ -94,6 +101,15 @@ class EngineWorker:
 
     def start(self) -> None:
         self._thread.start()
+
+    def queue_depth(self) -> int:
+        """Engine calls and samples waiting for the engine."""
+        with self._wakeup:
+            return len(self._jobs) + self._waiting_rows
+
+    def _record(self, call: str, started: float, tokens: int) -> None:
+        if self._metrics is not None:
+            self._metrics.record_call(self.engine.name, call, time.perf_counter() - started, tokens)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Finish the running call, abandon queued ones and end the thread."""
@@ -154,10 +170,12 @@ class EngineWorker:
             if batch:
                 self._run_batch(batch)
             if self.engine.has_sampling_work():
+                started, self._sampled_tokens = time.perf_counter(), 0
                 try:
                     self.engine.step_sampling()
                 except Exception:
                     logger.exception("a sampling step failed (the requests it was running have failed)")
+                self._record("sample", started, self._sampled_tokens)
             with self._wakeup:
                 self._sampling = self.engine.has_sampling_work()
                 self._waiting_rows = self.engine.queued_sample_rows() + self._inbox_rows
@@ -180,6 +198,7 @@ class EngineWorker:
             if error is not None:
                 _resolve(job, None, error)
                 return
+            self._sampled_tokens += sum(len(sequence.tokens) for sequence in result.sequences)  # type: ignore[union-attr]
             try:
                 _resolve(job, item.finish(result), None)  # type: ignore[arg-type]
             except Exception as exc:
@@ -231,6 +250,7 @@ class EngineWorker:
         if not ready:
             return
         first = ready[0][1]
+        started = time.perf_counter()
         try:
             results = self.engine.forward_backward(
                 [(slot, item.data) for _, item, slot in ready], first.loss_fn, first.loss_config, first.forward_only
@@ -241,6 +261,8 @@ class EngineWorker:
             for job, _, _ in ready:
                 _resolve(job, None, exc)
             return
+        tokens = sum(len(datum.tokens) for _, item, _ in ready for datum in item.data)
+        self._record("forward" if first.forward_only else "forward_backward", started, tokens)
         for (job, item, _), result in zip(ready, results, strict=True):
             try:
                 _resolve(job, item.finish(result), None)

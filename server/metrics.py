@@ -1,0 +1,85 @@
+"""Prometheus metrics: queue depth, engine step time, tokens/s and XLA compile count.
+
+Engine workers report each finished call; queue depths are read when scraped. The text format
+is Prometheus' exposition format 0.0.4, served unauthenticated at `/metrics` like `/healthz`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+
+import jax
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._step_seconds: dict[tuple[str, str], float] = defaultdict(float)
+        self._steps: dict[tuple[str, str], int] = defaultdict(int)
+        self._tokens: dict[tuple[str, str], int] = defaultdict(int)
+        self._tokens_per_s: dict[tuple[str, str], float] = {}
+        self._compiles = 0
+        self._compile_seconds = 0.0
+        self._queue_depths: dict[str, Callable[[], int]] = {}
+        jax.monitoring.register_event_duration_secs_listener(self._on_jax_event)
+
+    def close(self) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._on_jax_event)
+
+    def _on_jax_event(self, event: str, duration: float, **_: object) -> None:
+        if event == _COMPILE_EVENT:
+            with self._lock:
+                self._compiles += 1
+                self._compile_seconds += duration
+
+    def watch_queue(self, base_model: str, depth: Callable[[], int]) -> None:
+        self._queue_depths[base_model] = depth
+
+    def record_call(self, base_model: str, kind: str, seconds: float, tokens: int) -> None:
+        """One finished engine call of `kind` (forward_backward, optim_step, sample, ...)."""
+        key = (base_model, kind)
+        with self._lock:
+            self._step_seconds[key] += seconds
+            self._steps[key] += 1
+            self._tokens[key] += tokens
+            if tokens and seconds > 0:
+                self._tokens_per_s[key] = tokens / seconds
+
+    def render(self) -> str:
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+        def labelled(values: dict[tuple[str, str], float]) -> list[tuple[str, float]]:
+            return [(f'{{base_model="{m}",call="{k}"}}', v) for (m, k), v in sorted(values.items())]
+
+        with self._lock:
+            queue = [(f'{{base_model="{m}"}}', float(depth())) for m, depth in sorted(self._queue_depths.items())]
+            family("tuft_queue_depth", "gauge", "Engine calls waiting for the engine worker.", queue)
+            family("tuft_engine_call_seconds_total", "counter", "Time spent in engine calls.", labelled(self._step_seconds))
+            family("tuft_engine_calls_total", "counter", "Finished engine calls.", labelled(self._steps))
+            family("tuft_tokens_total", "counter", "Tokens processed (trained or sampled).", labelled(self._tokens))
+            family("tuft_tokens_per_second", "gauge", "Throughput of the latest engine call.", labelled(self._tokens_per_s))
+            family("tuft_xla_compiles_total", "counter", "XLA compilations in this process.", [("", float(self._compiles))])
+            family(
+                "tuft_xla_compile_seconds_total", "counter", "Time spent compiling.", [("", self._compile_seconds)]
+            )
+        return "\n".join(lines) + "\n"
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    metrics: Metrics = request.app.state.service.metrics
+    return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+routes = [Route("/metrics", metrics_endpoint, methods=["GET"])]
