@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -34,10 +34,13 @@ def build_app(
     *,
     options: ServerOptions | None = None,
     store: Store | None = None,
+    on_shutdown: Callable[[], None] | None = None,
 ) -> Starlette:
     """An app serving `engines` (keyed by base model name); engine workers run while it is up.
 
     Metadata goes to `store`, by default the SQLite database `{checkpoint_dir}/tuft.db`.
+    `on_shutdown` runs last when the app stops (e.g. releasing the other processes of a
+    multi-host engine; uvicorn may end the process right after the app stops).
     """
     options = options or ServerOptions()
     if store is None:
@@ -69,6 +72,8 @@ def build_app(
             sweeper.cancel()
             await asyncio.to_thread(service.stop)
             service.metrics.close()
+            if on_shutdown is not None:
+                await asyncio.to_thread(on_shutdown)
 
     app = Starlette(
         routes=[*bootstrap.routes, *training.routes, *sampling.routes, *futures.routes, *rest.routes, *metrics.routes],

@@ -55,7 +55,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the built-in model and the JAX compilation cache live"
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return parser.parse_args(argv)
+    multihost = parser.add_argument_group(
+        "multi-host", "run one process per host; process 0 serves HTTP and drives the others"
+    )
+    multihost.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address for jax.distributed")
+    multihost.add_argument("--num-processes", type=int, default=1)
+    multihost.add_argument("--process-id", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.num_processes > 1 and not args.coordinator_address:
+        parser.error("--num-processes > 1 needs --coordinator-address")
+    if not 0 <= args.process_id < args.num_processes:
+        parser.error(f"--process-id must be in [0, {args.num_processes})")
+    return args
 
 
 def _open_store(args: argparse.Namespace):
@@ -71,16 +82,20 @@ def serve(argv: list[str]) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     checkpoint_dir = args.checkpoint_dir.expanduser()
-    store = _open_store(args)  # before loading models, so a bad --db fails at once
+    leader = args.process_id == 0
+    store = _open_store(args) if leader else None  # before loading models, so a bad --db fails at once
     # Imported here so `tuft --help` answers without loading JAX.
     import uvicorn
 
     from server.app import build_app
     from server.config import ServerOptions
+    from tuft_jax import multihost
     from tuft_jax.compile_cache import enable_compilation_cache
     from tuft_jax.engine import Engine
     from tuft_jax.model_registry import load_model_specs
 
+    if args.num_processes > 1:
+        multihost.initialize(multihost.ProcessGroup(args.coordinator_address, args.num_processes, args.process_id))
     cache_dir = args.cache_dir.expanduser()
     enable_compilation_cache(cache_dir / "jax-compilation-cache")
     specs = load_model_specs(args.model_config, cache_dir)
@@ -88,7 +103,15 @@ def serve(argv: list[str]) -> None:
     for spec in specs:
         logging.getLogger(__name__).info("loading base model %s from %s", spec.name, spec.path)
         engines[spec.name] = Engine(spec)
-    app = build_app(engines, checkpoint_dir, options=ServerOptions(auth=args.auth), store=store)
+    if not leader:
+        multihost.serve_workers(engines)
+        return
+    on_shutdown = None
+    if args.num_processes > 1:
+        for name, engine in engines.items():
+            engine.broadcaster = multihost.Broadcaster(name)
+        on_shutdown = multihost.shutdown_workers
+    app = build_app(engines, checkpoint_dir, options=ServerOptions(auth=args.auth), store=store, on_shutdown=on_shutdown)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 

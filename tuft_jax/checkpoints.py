@@ -23,6 +23,8 @@ from tuft_jax.errors import InputError
 from tuft_jax.types import LoraConfig
 
 METADATA_FILE = "tuft_adapter.json"
+_THIS_PROCESS_ONLY = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
+"""Adapters are host arrays written and read by process 0 alone (no cross-process barriers)."""
 FORMAT = "tuft-lora-v1"
 
 
@@ -61,7 +63,7 @@ def save_adapter(directory: Path, tree: dict[str, Any], metadata: AdapterMetadat
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.parent / f".staging-{directory.name}-{uuid.uuid4().hex}"
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with ocp.StandardCheckpointer(multiprocessing_options=_THIS_PROCESS_ONLY) as checkpointer:
             checkpointer.save(staging / "state", resize_rank(tree, metadata.lora.rank))
         meta = {"format": FORMAT, **asdict(metadata)}
         (staging / METADATA_FILE).write_text(json.dumps(meta, indent=1))
@@ -93,6 +95,6 @@ def load_adapter(directory: Path, template: dict[str, Any], max_rank: int) -> di
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), resize_rank(template, metadata.lora.rank)
     )
-    with ocp.StandardCheckpointer() as checkpointer:
+    with ocp.StandardCheckpointer(multiprocessing_options=_THIS_PROCESS_ONLY) as checkpointer:
         restored = checkpointer.restore(directory / "state", target)
     return resize_rank(jax.tree.map(np.asarray, restored), max_rank)

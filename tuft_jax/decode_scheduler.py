@@ -12,6 +12,8 @@ Pure host logic over `tuft_jax.sampler`; it is driven by one thread (the engine'
 
 from __future__ import annotations
 
+import functools
+
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -336,8 +338,11 @@ class DecodeScheduler:
 
     def _new_state(self, length: int) -> sampler.DecodeState:
         cfg = self._config
-        state = sampler.init_state(cfg.num_layers, self.rows, length, cfg.num_kv_heads, cfg.head_dim, self._dtype)
-        return state if self._placement is None else jax.device_put(state, self._placement)
+        build = functools.partial(
+            sampler.init_state, cfg.num_layers, self.rows, length, cfg.num_kv_heads, cfg.head_dim, self._dtype
+        )
+        # Built in place (never moved), so it also works when the devices span several processes.
+        return build() if self._placement is None else jax.jit(build, out_shardings=self._placement)()
 
     def _require_state(self) -> sampler.DecodeState:
         assert self._state is not None

@@ -1,7 +1,10 @@
 """One base model in memory serving many LoRA adapters: the engine the HTTP service drives.
 
 All methods are blocking and must be called from one thread per engine (the service's
-worker); validation (`check_*`) is cheap, host-only and safe to call from anywhere.
+worker); validation (`check_*`) is cheap, host-only and safe to call from anywhere. In a
+multi-process deployment, methods marked `@collective` run on every process (process 0
+announces each call through `broadcaster`); file I/O and random draws happen on process 0
+before the collective part, so every process sees the same arguments.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tuft_jax import adapters, checkpoints, losses, peft_export
 from tuft_jax.batching import build_train_batch
 from tuft_jax.decode_scheduler import DecodeScheduler, SampleJob
 from tuft_jax.errors import CapacityError, InputError
+from tuft_jax.multihost import Broadcaster, collective, to_host
 from tuft_jax.model_registry import BaseModelSpec
 from tuft_jax.models.decoder import LoraShape
 from tuft_jax.models.hf_weights import load_causal_lm
@@ -94,6 +98,9 @@ class Engine:
             placement=replicated(self.mesh),
         )
         self._release_when_idle: set[int] = set()
+        self.broadcaster: Broadcaster | None = None
+        self._sample_callbacks: dict[int, Callable[[SampleResult | None, BaseException | None], None]] = {}
+        self._requests = itertools.count()
 
     # ---- adapters -------------------------------------------------------------------------
     #
@@ -154,14 +161,19 @@ class Engine:
         self.opt_state = adapters.clear_slot(self.opt_state, index)
 
     def create_adapter(self, lora: LoraConfig) -> int:
-        adapter, slot = self._new_adapter(lora)
         seed = _random_seed() if lora.seed is None else lora.seed
+        return self._create_seeded_adapter(lora, seed)
+
+    @collective
+    def _create_seeded_adapter(self, lora: LoraConfig, seed: int) -> int:
+        adapter, slot = self._new_adapter(lora)
         self.lora = adapters.init_slot(
             self.lora, jnp.int32(slot), jax.random.key(seed), jnp.int32(lora.rank), jnp.asarray(adapters.group_flags(lora))
         )
         self.steps[adapter] = 0
         return adapter
 
+    @collective
     def release_adapter(self, adapter: int) -> None:
         """Frees the adapter, once no queued or running sample reads it any more."""
         if adapter == 0:
@@ -183,6 +195,7 @@ class Engine:
             return self._parked[adapter].config
         return self.slots.config(self.device_slot(adapter))
 
+    @collective
     def snapshot_adapter(self, adapter: int) -> int:
         """A frozen copy for a sampler: later training of `adapter` does not change it."""
         source = self.device_slot(adapter)
@@ -203,6 +216,7 @@ class Engine:
             self._check_tokens(datum.loss_inputs["target_tokens"].reshape(-1), f"datum {i}: loss_fn_inputs['target_tokens']")
         return resolved
 
+    @collective
     def forward_backward(
         self, batch: list[tuple[int, list[Datum]]], loss_fn: str, loss_config: dict[str, float], forward_only: bool
     ) -> list[ForwardResult]:
@@ -231,7 +245,7 @@ class Engine:
             lp, per_row = forward(self.graphdef, self.base, self.lora, arrays, config, loss_fn)
         else:
             self.grads, lp, per_row = forward_backward(self.graphdef, self.base, self.lora, self.grads, arrays, config, loss_fn)
-        lp, per_row = np.asarray(lp), np.asarray(per_row)
+        lp, per_row = to_host(lp), to_host(per_row)
         results, row = [], 0
         for _, datums in batch:
             outputs = []
@@ -244,6 +258,7 @@ class Engine:
             results.append(ForwardResult(outputs=outputs, metrics={"loss:sum": loss}))
         return results
 
+    @collective
     def optim_step(self, adapter: int, params: AdamParams) -> dict[str, float]:
         slot = self.device_slot(adapter)
         hyper = jnp.asarray(
@@ -252,17 +267,21 @@ class Engine:
         )
         self.lora, self.opt_state, self.grads, norm = adamw_step(self.lora, self.opt_state, self.grads, jnp.int32(slot), hyper)
         self.steps[adapter] = self.steps.get(adapter, 0) + 1
-        return {"grad_norm:mean": float(norm)}
+        return {"grad_norm:mean": float(to_host(norm))}
 
     # ---- checkpoints ----------------------------------------------------------------------
 
-    def _slot_tree(self, slot: int, with_optimizer: bool, with_grads: bool = False) -> dict:
+    def _state_tree(self, with_optimizer: bool, with_grads: bool = False) -> dict:
+        """The slot-stacked device state an adapter checkpoint (or a parked adapter) holds."""
         tree = {"lora": nnx.to_pure_dict(self.lora)}
         if with_optimizer:
             tree["opt"] = self.opt_state
         if with_grads:
             tree["grads"] = nnx.to_pure_dict(self.grads)
-        return jax.tree.map(lambda x: np.asarray(x[slot]), tree)
+        return tree
+
+    def _slot_tree(self, slot: int, with_optimizer: bool, with_grads: bool = False) -> dict:
+        return jax.tree.map(lambda x: to_host(x[slot]), self._state_tree(with_optimizer, with_grads))
 
     def _write_slot(self, slot: int, tree: dict) -> None:
         """Installs a `_slot_tree` (any of lora / opt / grads it has) into `slot`."""
@@ -278,17 +297,19 @@ class Engine:
         if "opt" in tree:
             self.opt_state = jax.tree.map(lambda x, v: x.at[index].set(v), self.opt_state, tree["opt"])
 
+    @collective
+    def _adapter_state(self, adapter: int, with_optimizer: bool) -> tuple[LoraConfig, int, dict]:
+        """(geometry, step, host copy of the weights and optionally AdamW state) of one adapter."""
+        slot = self.device_slot(adapter)
+        return self.slots.config(slot), self.steps.get(adapter, 0), self._slot_tree(slot, with_optimizer)
+
     def save_adapter(self, adapter: int, directory: Path, *, with_optimizer: bool) -> int:
         """Writes an Orbax checkpoint of the adapter; returns its size in bytes."""
-        slot = self.device_slot(adapter)
+        config, step, tree = self._adapter_state(adapter, with_optimizer)
         metadata = checkpoints.AdapterMetadata(
-            base_model=self.name,
-            lora=self.slots.config(slot),
-            alpha=adapters.LORA_ALPHA,
-            step=self.steps.get(adapter, 0),
-            has_optimizer=with_optimizer,
+            base_model=self.name, lora=config, alpha=adapters.LORA_ALPHA, step=step, has_optimizer=with_optimizer
         )
-        return checkpoints.save_adapter(directory, self._slot_tree(slot, with_optimizer), metadata)
+        return checkpoints.save_adapter(directory, tree, metadata)
 
     def load_adapter(self, directory: Path, *, with_optimizer: bool) -> int:
         metadata = checkpoints.read_metadata(directory)
@@ -298,21 +319,24 @@ class Engine:
             raise InputError("checkpoint has no optimizer state (it was saved for sampling)")
         if metadata.lora.rank > self.spec.max_lora_rank:
             raise InputError(f"checkpoint rank {metadata.lora.rank} exceeds this model's max LoRA rank {self.spec.max_lora_rank}")
-        tree = checkpoints.load_adapter(directory, self._slot_tree(0, metadata.has_optimizer), self.spec.max_lora_rank)
+        template = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), self._state_tree(metadata.has_optimizer))
+        tree = checkpoints.load_adapter(directory, template, self.spec.max_lora_rank)
         if not with_optimizer:
             tree.pop("opt", None)
-        adapter, slot = self._new_adapter(metadata.lora)
+        return self._install_adapter(metadata.lora, metadata.step, tree)
+
+    @collective
+    def _install_adapter(self, config: LoraConfig, step: int, tree: dict) -> int:
+        adapter, slot = self._new_adapter(config)
         self._write_slot(slot, tree)
-        self.steps[adapter] = metadata.step
+        self.steps[adapter] = step
         return adapter
 
     def export_peft(self, adapter: int, directory: Path) -> int:
         """Writes the adapter as a standard PEFT LoRA adapter (what other tools load); returns its size in bytes."""
-        slot = self.device_slot(adapter)
-        config = self.slots.config(slot)
+        config, _, tree = self._adapter_state(adapter, with_optimizer=False)
         flat = nnx.to_flat_state(self.lora)
-        values = jax.device_get([var[...][slot] for _, var in flat])
-        lora = {path: value for (path, _), value in zip(flat, values, strict=True)}
+        lora = {path: value for (path, _), value in zip(flat, jax.tree.leaves(tree["lora"]), strict=True)}
         return peft_export.write_peft_adapter(directory, lora, config, adapters.LORA_ALPHA, self.name)
 
     # ---- sampling -------------------------------------------------------------------------
@@ -370,8 +394,31 @@ class Engine:
         self.check_sample(prompt, num_samples, params, topk_prompt_logprobs=topk_prompt_logprobs)
         if adapter in self._release_when_idle:
             raise InputError(f"adapter {adapter} is being released")
-        slot = self.device_slot(adapter)
         seed = int.from_bytes(os.urandom(8), "little") if params.seed is None else params.seed
+        request = next(self._requests)
+        self._sample_callbacks[request] = on_done
+        self._queue_sample(request, adapter, prompt, num_samples, params, seed, prompt_logprobs, topk_prompt_logprobs)
+
+    @collective
+    def _queue_sample(
+        self,
+        request: int,
+        adapter: int,
+        prompt: np.ndarray,
+        num_samples: int,
+        params: SamplingParams,
+        seed: int,
+        prompt_logprobs: bool,
+        topk_prompt_logprobs: int,
+    ) -> None:
+        """The part every process runs; only process 0 holds the request's callback."""
+
+        def on_done(result: SampleResult | None, error: BaseException | None) -> None:
+            callback = self._sample_callbacks.pop(request, None)
+            if callback is not None:
+                callback(result, error)
+
+        slot = self.device_slot(adapter)
         self.decoder.submit(
             SampleJob(
                 slot=slot,
@@ -393,6 +440,7 @@ class Engine:
         """Samples submitted but not yet decoding (what backpressure bounds)."""
         return self.decoder.queued_rows
 
+    @collective
     def step_sampling(self) -> None:
         """One scheduler iteration: admit queued samples into free rows, decode one chunk, finish
         what ended; then free the slots whose release waited for their samples."""
