@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -33,6 +34,16 @@ def measured_peak_flops(dtype: jnp.dtype, size: int = 4096, repeats: int = 10) -
         out = matmul(a)
     out.block_until_ready()
     return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def seconds_per_step(step: Callable[[], None], steps: int) -> float:
+    """Mean time of `steps` calls after two warm-up calls (compilation, allocator warm-up)."""
+    step()
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
 
 
 def train_flops_per_token(directory: Path, seq: int) -> float:
@@ -57,12 +68,7 @@ def bench_ours(directory: Path, tokens: np.ndarray, steps: int, rank: int, dtype
         engine.forward_backward([(slot, data)], "cross_entropy", {}, False)
         engine.optim_step(slot, params)
 
-    step()
-    step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+    return seconds_per_step(step, steps)
 
 
 def bench_torch(directory: Path, tokens: np.ndarray, steps: int, rank: int, dtype: str) -> float:
@@ -91,12 +97,7 @@ def bench_torch(directory: Path, tokens: np.ndarray, steps: int, rank: int, dtyp
         if device == "cuda":
             torch.cuda.synchronize()
 
-    step()
-    step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+    return seconds_per_step(step, steps)
 
 
 def main() -> None:

@@ -4,32 +4,24 @@ and sample exactly like one process: same losses, same greedy tokens, loadable c
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tinker
-from live_server import ServerProcess, cache_dir
+from live_server import ServerProcess, cache_dir, free_port
 from tinker import types
 
 BASE_MODEL = "tuft/tiny-qwen3"
 TOKENS = [17, 301, 45, 99, 12, 250, 33, 7, 64, 128, 5, 77]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("multihost")
-    group = ["--coordinator-address", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
+    group = ["--coordinator-address", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
     with (root / "worker.log").open("w") as log:
         worker = subprocess.Popen(

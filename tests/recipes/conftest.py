@@ -11,14 +11,10 @@ agree on the vocabulary.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from recipe_testing import (
     COOKBOOK_PYTHON,
@@ -26,32 +22,13 @@ from recipe_testing import (
     FEW_SLOTS_MODEL,
     OFFLINE_CACHE_SCRIPT,
     RECIPE_MODEL,
-    REPO,
     RecipeServer,
     require_extra_venv,
 )
 
+from live_server import ServerProcess
+
 from tuft_jax.builtin_model import build_tiny_hf_checkpoint
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with code {process.returncode}")
-        try:
-            if httpx.get(f"{url}/api/v1/healthz", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"server at {url} did not become healthy in {timeout} s")
 
 
 @pytest.fixture(scope="session")
@@ -85,31 +62,9 @@ def recipe_server(cookbook_python: Path, tmp_path_factory: pytest.TempPathFactor
         timeout=300,
     )
 
-    port = _free_port()
-    log_path = root / "server.log"
-    log = log_path.open("w")
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "server",
-            "--host", "127.0.0.1",
-            "--port", str(port),
-            "--checkpoint-dir", str(root / "checkpoints"),
-            "--cache-dir", str(Path(os.environ.get("TUFT_TEST_CACHE", root / "cache"))),
-            "--model-config", str(root / "models.yaml"),
-        ],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
+    server = ServerProcess(root, args=["--model-config", str(root / "models.yaml")])
     try:
-        _wait_healthy(url, process)
-        yield RecipeServer(url=url, root=root, hf_home=hf_home, log=log_path)
+        server.start()
+        yield RecipeServer(url=server.url, root=root, hf_home=hf_home, log=root / "server-1.log")
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        server.stop()

@@ -12,7 +12,6 @@ import math
 import subprocess
 from pathlib import Path
 
-import pytest
 from recipe_testing import FEW_SLOTS, FEW_SLOTS_MODEL, RECIPE_MODEL, RecipeServer
 
 

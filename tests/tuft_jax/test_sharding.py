@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from jax.sharding import AbstractMesh, PartitionSpec
 
@@ -76,7 +75,5 @@ def test_indivisible_dimensions_stay_replicated() -> None:
 
 
 if __name__ == "__main__":
-    import jax
-
     model = Path(sys.argv[1])
     print(json.dumps([_train(1, 1, model), _train(8, 2, model)]))
