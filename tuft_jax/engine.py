@@ -317,6 +317,8 @@ class Engine:
             raise InputError(f"checkpoint was trained on {metadata.base_model!r}, not {self.name!r}")
         if with_optimizer and not metadata.has_optimizer:
             raise InputError("checkpoint has no optimizer state (it was saved for sampling)")
+        if metadata.alpha != adapters.LORA_ALPHA:
+            raise InputError(f"checkpoint uses LoRA alpha {metadata.alpha}; this server trains with alpha {adapters.LORA_ALPHA}")
         if metadata.lora.rank > self.spec.max_lora_rank:
             raise InputError(f"checkpoint rank {metadata.lora.rank} exceeds this model's max LoRA rank {self.spec.max_lora_rank}")
         template = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), self._state_tree(metadata.has_optimizer))

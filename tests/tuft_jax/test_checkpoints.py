@@ -122,6 +122,9 @@ def test_bad_checkpoint_paths_are_input_errors(engine, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not a checkpoint"):
         engine.load_adapter(tmp_path / "empty", with_optimizer=False)
     meta = json.loads((tmp_path / "ckpt" / METADATA_FILE).read_text())
+    (tmp_path / "ckpt" / METADATA_FILE).write_text(json.dumps({**meta, "alpha": 16.0}))
+    with pytest.raises(InputError, match="alpha"):
+        engine.load_adapter(tmp_path / "ckpt", with_optimizer=False)
     (tmp_path / "ckpt" / METADATA_FILE).write_text(json.dumps({**meta, "format": "something-else"}))
     with pytest.raises(InputError, match="unknown format"):
         engine.load_adapter(tmp_path / "ckpt", with_optimizer=False)
