@@ -48,7 +48,7 @@ def initialize(group: ProcessGroup) -> None:
 def _broadcast_bytes(payload: bytes | None) -> bytes:
     """Sends process 0's bytes to all processes (others pass None). Sizes are rounded up to a
     power of two so only a few broadcast programs are ever compiled."""
-    size = np.array([0 if payload is None else len(payload)], np.int64)
+    size = np.array([0 if payload is None else len(payload)], np.int32)
     size = int(multihost_utils.broadcast_one_to_all(size)[0])
     buffer = np.zeros(1 << max(size - 1, 0).bit_length(), np.uint8)
     if payload is not None:
