@@ -150,10 +150,6 @@ class DecodeScheduler:
             self._fail_all(exc)
             raise
 
-    def run_until_idle(self) -> None:
-        while self.busy:
-            self.step()
-
     # ---- admission ------------------------------------------------------------------------
 
     def _admit(self) -> None:

@@ -69,6 +69,3 @@ def load_causal_lm(
     ]
     return graphdef, nnx.from_flat_state(base_leaves), nnx.from_flat_state(lora_leaves), config
 
-
-def count_params(state: nnx.State) -> int:
-    return sum(x.size for x in jax.tree.leaves(state))
