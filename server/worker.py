@@ -12,6 +12,10 @@ So training and the samplers of many sessions progress together, a long generati
 holds up training for more than one chunk, and a training job delays sampling by one job.
 Backpressure: beyond `max_queued_sample_rows` samples waiting for a decode row, `sample`
 raises CapacityError (HTTP 429, which the SDK retries with the same seq_id).
+
+A job the engine refuses with SlotsBusy (every adapter slot is read by running samples; the
+engine changed nothing) goes back to the front of the queue and runs again after the next
+decode chunk, so no client sees a failure it could not have avoided.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 
 from server.engine_api import EngineAPI
 from server.metrics import Metrics
-from tuft_jax.errors import CapacityError
+from tuft_jax.errors import CapacityError, SlotsBusy
 from tuft_jax.types import Datum, ForwardResult, SampleResult, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -187,8 +191,20 @@ class EngineWorker:
         job = batch[0]
         try:
             _resolve(job, job.work(self.engine), None)  # type: ignore[operator]
+        except SlotsBusy as exc:
+            self._retry_later([job], exc)
         except Exception as exc:
             _resolve(job, None, exc)
+
+    def _retry_later(self, jobs: list[_Job], exc: SlotsBusy) -> None:
+        """Put jobs refused for pinned slots back in front; they run after the next decode chunk,
+        which frees slots (without sampling work no slot is pinned, so that is a real failure)."""
+        if not self.engine.has_sampling_work():
+            for job in jobs:
+                _resolve(job, None, exc)
+            return
+        with self._wakeup:
+            self._jobs.extendleft(reversed(jobs))
 
     def _submit_sample(self, job: _Job) -> None:
         item = job.work
@@ -257,6 +273,9 @@ class EngineWorker:
             )
             if len(results) != len(ready):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(ready)} batch items")
+        except SlotsBusy as exc:
+            self._retry_later([job for job, _, _ in ready], exc)
+            return
         except Exception as exc:
             for job, _, _ in ready:
                 _resolve(job, None, exc)

@@ -7,6 +7,16 @@ of up to `chunk` tokens over all rows, and hands every finished request to its c
 Stop token ids and budgets end rows on the device; stop strings are checked here, on the
 decoded text, and end the row at the token that completes the string.
 
+Requests name an adapter, not a device slot: a queued request holds no slot, and `resolve`
+makes its adapter resident only when rows are free to admit it (or answers None while no slot
+can be had, and the request waits). Slots of admitted requests are pinned (`pins_slot`) until
+their last row ends.
+
+One request's failure is its own: sampling controls that do not fit the device arrays are
+refused at `submit`, and a prefill that fails is retried request by request so that only the
+request that fails alone fails; rows already decoding keep their state. Only a failure that
+loses the shared state (insert, resize, a decode chunk) fails every request in flight.
+
 Pure host logic over `tuft_jax.sampler`; it is driven by one thread (the engine's owner).
 """
 
@@ -16,7 +26,7 @@ import functools
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import jax
@@ -27,6 +37,7 @@ from jax.sharding import Sharding
 
 from tuft_jax import sampler
 from tuft_jax.batching import batch_bucket, bucket
+from tuft_jax.errors import InputError
 from tuft_jax.models.decoder import DecoderConfig
 from tuft_jax.types import SampledSequence, SampleResult, SamplingParams
 
@@ -38,13 +49,16 @@ MIN_CACHE_LENGTH = 128
 OnDone = Callable[[SampleResult | None, BaseException | None], None]
 
 
+Resolve = Callable[[int, set[int]], tuple[int, np.ndarray] | None]
+"""(adapter, adapters to keep resident) -> (device slot, its LoRA scales [3]), or None while no
+slot can be had."""
+
+
 @dataclass
 class SampleJob:
     """One sample request as the engine accepted it."""
 
-    slot: int
-    scales: np.ndarray
-    """The slot's LoRA scale per target group ([3])."""
+    adapter: int
     prompt: np.ndarray
     num_samples: int
     params: SamplingParams
@@ -65,9 +79,51 @@ class _Sequence:
     """Length of the prefix known to contain no stop string."""
 
 
+@dataclass(frozen=True)
+class _Controls:
+    """A request's sampling controls as the device arrays hold them."""
+
+    temperature: np.float32
+    top_k: np.int32
+    top_p: np.float32
+    seed: np.ndarray
+    """[2] uint32: the low and high halves of the 64-bit seed."""
+    max_tokens: np.int32
+    stop_ids: np.ndarray
+    """[MAX_STOP_IDS] int32, padded with -1."""
+
+
+def _controls(params: SamplingParams, seed: int) -> _Controls:
+    """Raises InputError for a value the device arrays cannot hold, so a bad request fails at
+    submission and never reaches the shared rows."""
+    try:
+        if len(params.stop_token_ids) > sampler.MAX_STOP_IDS:
+            raise ValueError(f"more than {sampler.MAX_STOP_IDS} stop token ids")
+        stop_ids = np.full(sampler.MAX_STOP_IDS, -1, np.int32)
+        stop_ids[: len(params.stop_token_ids)] = np.array(params.stop_token_ids, np.int32)
+        floats = np.array([params.temperature, params.top_p], np.float64)
+        if not np.isfinite(floats.astype(np.float32)).all():
+            raise ValueError("temperature and top_p must be finite 32-bit floats")
+        seed %= 1 << 64
+        return _Controls(
+            temperature=np.float32(params.temperature),
+            top_k=np.array(params.top_k, np.int32)[()],
+            top_p=np.float32(params.top_p),
+            seed=np.array([seed & 0xFFFFFFFF, seed >> 32], np.uint32),
+            max_tokens=np.array(params.max_tokens, np.int32)[()],
+            stop_ids=stop_ids,
+        )
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise InputError(f"sampling parameters out of range: {exc}") from exc
+
+
 @dataclass(eq=False)
 class _Request:
     job: SampleJob
+    controls: _Controls
+    slot: int | None = None
+    """The device slot, once the adapter was made resident for admission."""
+    scales: np.ndarray | None = None
     admitted: int = 0
     open: int = 0
     sequences: list[_Sequence] = field(default_factory=list)
@@ -87,6 +143,7 @@ class DecodeScheduler:
         config: DecoderConfig,
         dtype: jnp.dtype,
         decode_text: Callable[[list[int]], str],
+        resolve: Resolve,
         *,
         rows: int,
         chunk: int,
@@ -96,6 +153,7 @@ class DecodeScheduler:
         """`params()` returns the current (base, lora) states: read at every call, so training
         between chunks is seen by the next chunk (samplers use frozen snapshot slots)."""
         self._graphdef = graphdef
+        self._resolve = resolve
         self._params = params
         self._config = config
         self._dtype = dtype
@@ -129,19 +187,29 @@ class DecodeScheduler:
     def cache_length(self) -> int:
         return 0 if self._state is None else self._state.caches[0].k.shape[1]
 
-    def uses_slot(self, slot: int) -> bool:
-        return any(r.job.slot == slot for r in self._queue) or any(
-            owner is not None and owner[0].job.slot == slot for owner in self._owner
-        )
+    def _live_requests(self) -> list[_Request]:
+        return [owner[0] for owner in self._owner if owner is not None]
+
+    def pins_slot(self, slot: int) -> bool:
+        """Whether an admitted request (decoding, or partly admitted) reads `slot`, which must
+        then not be parked or reused."""
+        return any(r.slot == slot for r in (*self._live_requests(), *self._queue))
+
+    def uses_adapter(self, adapter: int) -> bool:
+        """Whether a queued or running request reads `adapter` (it must not be released)."""
+        return any(r.job.adapter == adapter for r in (*self._live_requests(), *self._queue))
 
     # ---- driving --------------------------------------------------------------------------
 
     def submit(self, job: SampleJob) -> None:
-        self._queue.append(_Request(job, sequences=[_Sequence() for _ in range(job.num_samples)]))
+        """Queue a request; raises InputError (and queues nothing) if its controls do not fit."""
+        controls = _controls(job.params, job.seed)
+        self._queue.append(_Request(job, controls, sequences=[_Sequence() for _ in range(job.num_samples)]))
 
     def step(self) -> None:
-        """Admit what fits, decode one chunk, complete finished requests. On a device error every
-        request in flight fails with it (the state is rebuilt) and the error is re-raised."""
+        """Admit what fits, decode one chunk, complete finished requests. A request that fails
+        alone fails alone; on an error that loses the shared state every request in flight
+        fails with it (the state is rebuilt) and the error is re-raised."""
         try:
             self._admit()
             if any(owner is not None for owner in self._owner):
@@ -153,33 +221,54 @@ class DecodeScheduler:
     # ---- admission ------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        free = [r for r, owner in enumerate(self._owner) if owner is None]
-        if not free or not self._queue:
+        """Admit queued samples into the free rows; if their joint prefill fails, admit request
+        by request, failing only the requests whose own prefill fails."""
+        plan = self._plan()
+        if not plan:
             return
-        entries: list[tuple[_Request, int, int]] = []  # (request, sample index, row)
-        requests: list[_Request] = []
-        scored: list[_Request] = []
-        for request in self._queue:
-            take = min(request.job.num_samples - request.admitted, len(free) - len(entries))
-            if take <= 0:
-                break
-            if request.admitted == 0 and request.scores_prompt:
-                scored.append(request)
-            requests.append(request)
-            for i in range(request.admitted, request.admitted + take):
-                entries.append((request, i, free[len(entries)]))
-            request.admitted += take
-            request.open += take
-        while self._queue and self._queue[0].admitted == self._queue[0].job.num_samples:
-            self._queue.popleft()
-        for request, index, row in entries:
-            self._owner[row] = (request, index)
-            self._finish[row] = False
-            self._position[row] = request.job.prompt.size
-            self._limit[row] = request.job.prompt.size + request.job.params.max_tokens - 1
+        try:
+            self._start(plan)
+        except _StateLost:
+            raise
+        except Exception as exc:
+            if len(plan) == 1:
+                self._fail_request(plan[0].request, exc)
+                return
+            logger.warning("a joint prefill failed; admitting its %d requests one by one", len(plan), exc_info=True)
+            for part in plan:
+                try:
+                    self._start([part])
+                except _StateLost:
+                    raise
+                except Exception as exc:
+                    self._fail_request(part.request, exc)
 
-        adm = self._admission(requests, entries)
-        self._ensure_length(max(adm.prompts.shape[1], self._needed_length()))
+    def _plan(self) -> list[_Admit]:
+        """Which queued samples take which free rows, in queue order; a request whose adapter
+        cannot be made resident now waits (later requests may go first)."""
+        free = [r for r, owner in enumerate(self._owner) if owner is None]
+        plan: list[_Admit] = []
+        keep = {r.job.adapter for r in (*self._live_requests(), *self._queue) if r.slot is not None}
+        for request in self._queue:
+            if not free:
+                break
+            if request.slot is None:
+                resolved = self._resolve(request.job.adapter, keep)
+                if resolved is None:
+                    continue
+                request.slot, request.scales = resolved
+            keep.add(request.job.adapter)
+            take = min(request.job.num_samples - request.admitted, len(free))
+            plan.append(_Admit(request, request.admitted, free[:take]))
+            free = free[take:]
+        return plan
+
+    def _start(self, plan: list[_Admit]) -> None:
+        """Prefill the planned samples and move them into their rows. Nothing changes if the
+        prefill fails; a failure after it raises `_StateLost`."""
+        requests = [part.request for part in plan]
+        scored = [r for r in requests if r.admitted == 0 and r.scores_prompt]
+        adm = self._admission(plan)
         topk = max((r.job.topk_prompt_logprobs for r in scored), default=0)
         base, lora = self._params()
         pre = sampler.prefill(
@@ -190,16 +279,33 @@ class DecodeScheduler:
             score_prompt=bool(scored),
             topk_prompt=min(batch_bucket(topk), self._config.vocab_size) if topk else 0,
         )
-        self._state = sampler.insert(self._require_state(), adm, pre)
         tokens, logprobs, done, scores = jax.device_get(
             (pre.token, pre.logprob, pre.done, (pre.prompt_logprobs, pre.topk_ids, pre.topk_logprobs))
         )
+        entries = [(part.request, part.first + i, row) for part in plan for i, row in enumerate(part.rows)]
+        for request, _, row in entries:
+            self._position[row] = request.job.prompt.size
+            self._limit[row] = request.job.prompt.size + request.job.params.max_tokens - 1
+        try:
+            self._ensure_length(max(adm.prompts.shape[1], self._needed_length(row for _, _, row in entries)))
+            self._state = sampler.insert(self._require_state(), adm, pre)
+        except Exception as exc:
+            raise _StateLost(str(exc)) from exc
+        for part in plan:
+            part.request.admitted += len(part.rows)
+            part.request.open += len(part.rows)
+        while self._queue and self._queue[0].admitted == self._queue[0].job.num_samples:
+            self._queue.popleft()
+        for request, index, row in entries:
+            self._owner[row] = (request, index)
+            self._finish[row] = False
         for request in scored:
             self._keep_prompt_scores(request, requests.index(request), scores)
         for e, (_, _, row) in enumerate(entries):
             self._extend(row, [int(tokens[e])], [float(logprobs[e])], bool(done[e]))
 
-    def _admission(self, requests: list[_Request], entries: list[tuple[_Request, int, int]]) -> sampler.Admission:
+    def _admission(self, plan: list[_Admit]) -> sampler.Admission:
+        requests = [part.request for part in plan]
         u = batch_bucket(len(requests))
         width = bucket(max(r.job.prompt.size for r in requests))
         prompts = np.zeros((u, width), np.int32)
@@ -210,8 +316,8 @@ class DecodeScheduler:
             n = request.job.prompt.size
             prompts[i, :n] = request.job.prompt
             prompt_len[i] = n
-            prompt_slots[i] = request.job.slot
-            prompt_scales[i] = request.job.scales
+            prompt_slots[i] = request.slot
+            prompt_scales[i] = request.scales
         r = self.rows
         source = np.zeros(r, np.int32)
         rows = np.full(r, r, np.int32)
@@ -222,18 +328,14 @@ class DecodeScheduler:
         sample_index = np.zeros(r, np.int32)
         max_tokens = np.zeros(r, np.int32)
         stop_ids = np.full((r, sampler.MAX_STOP_IDS), -1, np.int32)
-        for e, (request, index, row) in enumerate(entries):
-            params = request.job.params
-            seed = request.job.seed % (1 << 64)
-            source[e] = requests.index(request)
-            rows[e] = row
-            temperature[e] = params.temperature
-            top_k[e] = params.top_k
-            top_p[e] = params.top_p
-            seeds[e] = (seed & 0xFFFFFFFF, seed >> 32)
-            sample_index[e] = index
-            max_tokens[e] = params.max_tokens
-            stop_ids[e, : len(params.stop_token_ids)] = params.stop_token_ids
+        e = 0
+        for u_index, part in enumerate(plan):
+            c = part.request.controls
+            for i, row in enumerate(part.rows):
+                source[e], rows[e], sample_index[e] = u_index, row, part.first + i
+                temperature[e], top_k[e], top_p[e] = c.temperature, c.top_k, c.top_p
+                seeds[e], max_tokens[e], stop_ids[e] = c.seed, c.max_tokens, c.stop_ids
+                e += 1
         return sampler.Admission(
             prompts, prompt_len, prompt_slots, prompt_scales, source, rows, temperature, top_k, top_p, seeds,
             sample_index, max_tokens, stop_ids,
@@ -276,10 +378,18 @@ class DecodeScheduler:
             self._extend(row, tokens[row, :n].tolist(), logprobs[row, :n].tolist(), bool(done[row]))
 
     def _extend(self, row: int, tokens: list[int], logprobs: list[float], done: bool) -> None:
+        """`_append`, failing the row's request alone if its host-side handling fails."""
+        owner = self._owner[row]
+        if owner is None:  # its request failed earlier in this pass
+            return
+        try:
+            self._append(row, owner, tokens, logprobs, done)
+        except Exception as exc:
+            self._fail_request(owner[0], exc)
+
+    def _append(self, row: int, owner: tuple[_Request, int], tokens: list[int], logprobs: list[float], done: bool) -> None:
         """Appends a row's new tokens; ends the row if the device finished it or a stop string
         appeared, and completes its request once all of that request's rows have ended."""
-        owner = self._owner[row]
-        assert owner is not None
         request, index = owner
         seq = request.sequences[index]
         seq.tokens.extend(tokens)
@@ -319,9 +429,9 @@ class DecodeScheduler:
 
     # ---- the cache length -----------------------------------------------------------------
 
-    def _needed_length(self) -> int:
-        """Cache positions the live rows need for the next chunk."""
-        return int(max(min(self._position[r] + self.chunk, self._limit[r]) for r in self._live()))
+    def _needed_length(self, extra: Iterable[int] = ()) -> int:
+        """Cache positions the live rows (and rows about to be admitted) need for the next chunk."""
+        return int(max(min(self._position[r] + self.chunk, self._limit[r]) for r in [*self._live(), *extra]))
 
     def _ensure_length(self, needed: int) -> None:
         """Grows the cache to hold `needed` positions, or shrinks it when at most half is needed."""
@@ -357,6 +467,17 @@ class DecodeScheduler:
         )
         _notify(request.job, result, None)
 
+    def _fail_request(self, request: _Request, exc: BaseException) -> None:
+        """End one request with `exc`: out of the queue, its rows freed; the others go on."""
+        logger.warning("a sample request failed on its own: %s", exc)
+        if request in self._queue:
+            self._queue.remove(request)
+        for row, owner in enumerate(self._owner):
+            if owner is not None and owner[0] is request:
+                self._owner[row] = None
+                self._finish[row] = True
+        _notify(request.job, None, exc)
+
     def _fail_all(self, exc: BaseException) -> None:
         failed = list(self._queue)
         for owner in self._owner:
@@ -368,6 +489,19 @@ class DecodeScheduler:
         self._state = None
         for request in failed:
             _notify(request.job, None, exc)
+
+
+class _StateLost(RuntimeError):
+    """The shared decode state may be gone (a donated call failed): every request fails."""
+
+
+@dataclass
+class _Admit:
+    """Samples `first`, `first + 1`, ... of `request` entering `rows`."""
+
+    request: _Request
+    first: int
+    rows: list[int]
 
 
 def _notify(job: SampleJob, result: SampleResult | None, exc: BaseException | None) -> None:

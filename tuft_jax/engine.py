@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 from tuft_jax import adapters, checkpoints, losses, peft_export
 from tuft_jax.batching import build_train_batch
 from tuft_jax.decode_scheduler import DecodeScheduler, SampleJob
-from tuft_jax.errors import CapacityError, InputError
+from tuft_jax.errors import CapacityError, InputError, SlotsBusy
 from tuft_jax.multihost import Broadcaster, collective, to_host
 from tuft_jax.model_registry import BaseModelSpec
 from tuft_jax.models.decoder import LoraShape
@@ -33,10 +33,14 @@ from tuft_jax.models.hf_weights import load_causal_lm
 from tuft_jax.optimizer import adamw_step, init_optimizer_state
 from tuft_jax.sampler import MAX_STOP_IDS
 from tuft_jax.sharding import batch_sharding, make_mesh, place_like_params, replicated
-from tuft_jax.train_step import BatchArrays, forward, forward_backward
+from tuft_jax.train_step import BatchArrays, accumulate, forward, forward_backward
 from tuft_jax.types import AdamParams, Datum, ForwardResult, LoraConfig, SampleResult, SamplingParams
 
 MAX_SAMPLES_PER_REQUEST = 128
+MAX_TEMPERATURE = 100.0
+"""Far above any useful temperature (the distribution is uniform long before), within float32."""
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_CHARS = 1024
 DECODE_ROWS = 32
 """Sequences decoded together (continuous batching); each holds a KV cache of up to the context length."""
 DECODE_CHUNK = 16
@@ -92,12 +96,16 @@ class Engine:
             self.config,
             dtype,
             self.tokenizer.decode,
+            self._resolve_for_sampling,
             rows=decode_rows,
             chunk=decode_chunk,
             max_length=spec.max_context_length,
             placement=replicated(self.mesh),
         )
         self._release_when_idle: set[int] = set()
+        self._slots_wanted = False
+        """A call was refused with SlotsBusy since the last sampling step: admit no new sample
+        requests until it ran, so the pinned slots drain."""
         self.broadcaster: Broadcaster | None = None
         self._sample_callbacks: dict[int, Callable[[SampleResult | None, BaseException | None], None]] = {}
         self._requests = itertools.count()
@@ -107,7 +115,9 @@ class Engine:
     # Callers hold adapter ids; the device holds a fixed number of slots. When the slots run out,
     # the least recently used adapter that no sample is reading is parked in host memory (with
     # its optimizer state and pending gradients) and brought back on its next use, so sampler
-    # snapshots taken every RL step never exhaust the slots.
+    # snapshots taken every RL step never exhaust the slots. Slots that admitted samples read
+    # are pinned; a call that needs a slot while all are pinned raises SlotsBusy before changing
+    # anything, and the worker runs it again after the next decode chunk.
 
     def _touch(self, adapter: int) -> None:
         self._last_use[adapter] = next(self._clock)
@@ -118,10 +128,17 @@ class Engine:
                 return self.slots.allocate(config)
             except CapacityError:
                 if not self._park_least_recent(keep):
-                    raise
+                    raise self._slots_busy() from None
+
+    def _slots_busy(self) -> SlotsBusy:
+        self._slots_wanted = True
+        return SlotsBusy(f"all {self.spec.max_adapters} adapter slots are read by running samples")
+
+    def _parkable(self, keep: Collection[int]) -> list[int]:
+        return [a for a, slot in self._slot_of.items() if a not in keep and not self.decoder.pins_slot(slot)]
 
     def _park_least_recent(self, keep: Collection[int]) -> bool:
-        candidates = [a for a, slot in self._slot_of.items() if a not in keep and not self.decoder.uses_slot(slot)]
+        candidates = self._parkable(keep)
         if not candidates:
             return False
         victim = min(candidates, key=self._last_use.__getitem__)
@@ -179,7 +196,7 @@ class Engine:
         if adapter == 0:
             return
         slot = self._slot_of.get(adapter)
-        if slot is not None and self.decoder.uses_slot(slot):
+        if self.decoder.uses_adapter(adapter):
             self._release_when_idle.add(adapter)
             return
         self._release_when_idle.discard(adapter)
@@ -220,6 +237,35 @@ class Engine:
     def forward_backward(
         self, batch: list[tuple[int, list[Datum]]], loss_fn: str, loss_config: dict[str, float], forward_only: bool
     ) -> list[ForwardResult]:
+        """Runs `batch` in as many passes as the free slots need: each pass holds at most as many
+        adapters as there are slots no running sample reads, parking others between passes."""
+        results: list[ForwardResult] = []
+        for group in self._slot_groups(batch):
+            results.extend(self._forward_backward_group(group, loss_fn, loss_config, forward_only))
+        return results
+
+    def _slot_groups(self, batch: list[tuple[int, list[Datum]]]) -> list[list[tuple[int, list[Datum]]]]:
+        """Consecutive runs of `batch` whose adapters fit the unpinned slots together (an adapter
+        in a pinned slot or the base model needs none). Raises SlotsBusy when one cannot fit."""
+        pinned = {slot for slot in range(1, self.slots.num_slots) if self.decoder.pins_slot(slot)}
+        capacity = self.spec.max_adapters - len(pinned)
+        groups: list[list[tuple[int, list[Datum]]]] = [[]]
+        needing: set[int] = set()
+        for adapter, datums in batch:
+            needs = adapter != 0 and self._slot_of.get(adapter) not in pinned
+            if needs and adapter not in needing and len(needing) == capacity:
+                if capacity == 0:
+                    raise self._slots_busy()
+                groups.append([])
+                needing = set()
+            groups[-1].append((adapter, datums))
+            if needs:
+                needing.add(adapter)
+        return groups
+
+    def _forward_backward_group(
+        self, batch: list[tuple[int, list[Datum]]], loss_fn: str, loss_config: dict[str, float], forward_only: bool
+    ) -> list[ForwardResult]:
         in_batch = {adapter for adapter, _ in batch}
         slot_of = {adapter: self.device_slot(adapter, keep=in_batch) for adapter in in_batch}
         rows = [(slot_of[adapter], datum) for adapter, datums in batch for datum in datums]
@@ -244,7 +290,8 @@ class Engine:
         if forward_only:
             lp, per_row = forward(self.graphdef, self.base, self.lora, arrays, config, loss_fn)
         else:
-            self.grads, lp, per_row = forward_backward(self.graphdef, self.base, self.lora, self.grads, arrays, config, loss_fn)
+            step_grads, lp, per_row = forward_backward(self.graphdef, self.base, self.lora, arrays, config, loss_fn)
+            self.grads = accumulate(self.grads, step_grads)
         lp, per_row = to_host(lp), to_host(per_row)
         results, row = [], 0
         for _, datums in batch:
@@ -356,27 +403,39 @@ class Engine:
     def check_sample(
         self, prompt: np.ndarray, num_samples: int, params: SamplingParams, *, topk_prompt_logprobs: int = 0
     ) -> None:
+        """Every field's range, named as the SDK names it, so a bad request is a 400 here and
+        never reaches the decode rows other tenants share."""
         self._check_tokens(prompt, "prompt")
         if not 1 <= num_samples <= MAX_SAMPLES_PER_REQUEST:
             raise InputError(f"num_samples must be between 1 and {MAX_SAMPLES_PER_REQUEST}, got {num_samples}")
         if params.max_tokens < 1:
-            raise InputError(f"max_tokens must be at least 1, got {params.max_tokens}")
+            raise InputError(f"sampling_params.max_tokens must be at least 1, got {params.max_tokens}")
         if prompt.size + params.max_tokens > self.max_context_length:
             raise InputError(
-                f"prompt ({prompt.size} tokens) + max_tokens ({params.max_tokens}) exceeds the context limit {self.max_context_length}"
+                f"prompt ({prompt.size} tokens) + sampling_params.max_tokens ({params.max_tokens}) exceeds the context "
+                f"limit {self.max_context_length}"
             )
-        if not np.isfinite(params.temperature) or params.temperature < 0:
-            raise InputError(f"temperature must be a finite number >= 0, got {params.temperature}")
+        if not (np.isfinite(params.temperature) and 0 <= params.temperature <= MAX_TEMPERATURE):
+            raise InputError(f"sampling_params.temperature must be between 0 and {MAX_TEMPERATURE}, got {params.temperature}")
         if not 0 < params.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {params.top_p}")
-        if params.top_k < -1 or params.top_k == 0:
-            raise InputError(f"top_k must be -1 (no limit) or a positive integer, got {params.top_k}")
+            raise InputError(f"sampling_params.top_p must be in (0, 1], got {params.top_p}")
+        if not (params.top_k == -1 or 1 <= params.top_k <= self.vocab_size):
+            raise InputError(
+                f"sampling_params.top_k must be -1 (no limit) or between 1 and the vocabulary size {self.vocab_size}, "
+                f"got {params.top_k}"
+            )
+        if params.seed is not None and not -(1 << 63) <= params.seed < 1 << 64:
+            raise InputError(f"sampling_params.seed must be a 64-bit integer, got {params.seed}")
         for token in params.stop_token_ids:
             if not 0 <= token < self.vocab_size:
-                raise InputError(f"stop token id {token} is outside the vocabulary [0, {self.vocab_size})")
+                raise InputError(f"sampling_params.stop token id {token} is outside the vocabulary [0, {self.vocab_size})")
         if len(params.stop_token_ids) > MAX_STOP_IDS:
             count = len(params.stop_token_ids)
-            raise InputError(f"at most {MAX_STOP_IDS} stop token ids (EOS included) are supported, got {count}")
+            raise InputError(f"sampling_params.stop: at most {MAX_STOP_IDS} stop token ids (EOS included), got {count}")
+        if len(params.stop_strings) > MAX_STOP_STRINGS or any(not 0 < len(s) <= MAX_STOP_STRING_CHARS for s in params.stop_strings):
+            raise InputError(
+                f"sampling_params.stop: at most {MAX_STOP_STRINGS} stop strings of 1 to {MAX_STOP_STRING_CHARS} characters"
+            )
         if not 0 <= topk_prompt_logprobs <= self.vocab_size:
             raise InputError(f"topk_prompt_logprobs must be between 0 and the vocabulary size {self.vocab_size}")
 
@@ -396,10 +455,16 @@ class Engine:
         self.check_sample(prompt, num_samples, params, topk_prompt_logprobs=topk_prompt_logprobs)
         if adapter in self._release_when_idle:
             raise InputError(f"adapter {adapter} is being released")
+        if adapter != 0 and adapter not in self._slot_of and adapter not in self._parked:
+            raise InputError(f"adapter {adapter} does not exist on this base model")
         seed = int.from_bytes(os.urandom(8), "little") if params.seed is None else params.seed
         request = next(self._requests)
         self._sample_callbacks[request] = on_done
-        self._queue_sample(request, adapter, prompt, num_samples, params, seed, prompt_logprobs, topk_prompt_logprobs)
+        try:
+            self._queue_sample(request, adapter, prompt, num_samples, params, seed, prompt_logprobs, topk_prompt_logprobs)
+        except BaseException:
+            del self._sample_callbacks[request]
+            raise
 
     @collective
     def _queue_sample(
@@ -420,11 +485,9 @@ class Engine:
             if callback is not None:
                 callback(result, error)
 
-        slot = self.device_slot(adapter)
         self.decoder.submit(
             SampleJob(
-                slot=slot,
-                scales=self.slots.scales[slot].copy(),
+                adapter=adapter,
                 prompt=np.asarray(prompt, np.int32),
                 num_samples=num_samples,
                 params=params,
@@ -449,8 +512,20 @@ class Engine:
         try:
             self.decoder.step()
         finally:
-            for adapter in [a for a in self._release_when_idle if not self.decoder.uses_slot(self._slot_of[a])]:
+            self._slots_wanted = False
+            for adapter in [a for a in self._release_when_idle if not self.decoder.uses_adapter(a)]:
                 self.release_adapter(adapter)
+
+    def _resolve_for_sampling(self, adapter: int, keep: set[int]) -> tuple[int, np.ndarray] | None:
+        """The decoder's `resolve`: make `adapter` resident for admission, or None to wait (no
+        slot can be had, or a refused call is waiting for the pinned slots to drain)."""
+        if adapter != 0 and (self._slots_wanted or (adapter not in self._slot_of and not self._can_take_slot(keep))):
+            return None
+        slot = self.device_slot(adapter, keep)
+        return slot, self.slots.scales[slot].copy()
+
+    def _can_take_slot(self, keep: Collection[int]) -> bool:
+        return len(self.slots.configs) < self.spec.max_adapters or bool(self._parkable(keep))
 
     def sample(
         self,

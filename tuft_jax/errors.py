@@ -7,3 +7,8 @@ class InputError(ValueError):
 
 class CapacityError(RuntimeError):
     """No free adapter slot or queue room right now (HTTP 429 / retryable)."""
+
+
+class SlotsBusy(CapacityError):
+    """Every adapter slot is read by running samples: the call can run once some finish. The
+    worker retries it after the next decode chunk; nothing changed before it was raised."""

@@ -2,7 +2,9 @@
 
 Gradients are taken with respect to the slot-stacked LoRA state only, so examples of several
 adapters in one batch each land in their own slot, and are summed into a donated accumulator
-until that adapter's optim_step.
+until that adapter's optim_step. The heavy pass donates nothing, so when it fails (out of
+memory, say) every slot's weights and pending gradients are as they were; only the cheap
+`accumulate` that follows donates the accumulator.
 """
 
 from __future__ import annotations
@@ -55,19 +57,23 @@ def _loss(
     return per_row.sum(), (lp, per_row)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "loss_fn"), donate_argnames=("grads",))
+@partial(jax.jit, static_argnames=("graphdef", "loss_fn"))
 def forward_backward(
     graphdef: nnx.GraphDef,
     base: nnx.State,
     lora: nnx.State,
-    grads: nnx.State,
     batch: BatchArrays,
     config: Mapping[str, jax.Array],
     loss_fn: str,
 ) -> tuple[nnx.State, jax.Array, jax.Array]:
-    """Returns (accumulated grads, target logprobs [B, T, K], loss per row [B])."""
+    """Returns (this batch's grads, target logprobs [B, T, K], loss per row [B])."""
     (_, (lp, per_row)), step_grads = jax.value_and_grad(_loss, has_aux=True)(lora, graphdef, base, batch, config, loss_fn)
-    return jax.tree.map(jnp.add, grads, step_grads), lp, per_row
+    return step_grads, lp, per_row
+
+
+@partial(jax.jit, donate_argnames=("grads",))
+def accumulate(grads: nnx.State, step_grads: nnx.State) -> nnx.State:
+    return jax.tree.map(jnp.add, grads, step_grads)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "loss_fn"))

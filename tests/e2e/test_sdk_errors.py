@@ -62,3 +62,24 @@ def test_error_bodies_are_json_with_length(server_url: str) -> None:
     assert int(response.headers["content-length"]) > 0
     assert "detail" in response.json()
     assert httpx.get(f"{server_url}/api/v1/healthz").status_code == 200
+
+
+def test_a_bad_sample_request_is_refused_and_fails_no_other_tenant(server_url: str, service: tinker.ServiceClient) -> None:
+    """An out-of-range sampling field is a 400 naming it; another tenant's running sample
+    finishes with the tokens it gives alone."""
+    prompt = types.ModelInput.from_ints([1, 2, 3, 4])
+    params = types.SamplingParams(max_tokens=200, temperature=1.0, seed=3, stop=[])
+    victim = service.create_sampling_client(base_model=BASE_MODEL)
+    alone = victim.sample(prompt=prompt, num_samples=2, sampling_params=params).result()
+    running = victim.sample(prompt=prompt, num_samples=2, sampling_params=params)
+    attacker = tinker.ServiceClient(base_url=server_url, api_key="tml-e2e-attacker")
+    try:
+        hostile = attacker.create_sampling_client(base_model=BASE_MODEL)
+        for field, value in (("top_k", 10**12), ("temperature", 1e30), ("max_tokens", 10**9)):
+            bad = types.SamplingParams(**{"max_tokens": 4, field: value})
+            with pytest.raises(tinker.BadRequestError) as info:
+                hostile.sample(prompt=prompt, num_samples=1, sampling_params=bad).result()
+            assert field in str(info.value)
+    finally:
+        attacker.close("success")
+    assert [s.tokens for s in running.result().sequences] == [s.tokens for s in alone.sequences]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from server.worker import EngineWorker, ForwardBackwardItem, SampleItem
-from tuft_jax.errors import CapacityError, InputError
+from tuft_jax.errors import CapacityError, InputError, SlotsBusy
 from tuft_jax.types import AdamParams, Datum, ForwardResult, LoraConfig, SampledSequence, SampleResult, SamplingParams
 
 
@@ -195,6 +195,54 @@ def test_training_jobs_run_between_sampling_chunks() -> None:
             worker.stop()
         # Both samples joined the running batch at once; each training job ran between two chunks.
         assert engine.log == ["blocker", "train-1", "chunk", "train-2", "chunk", "chunk"]
+
+    asyncio.run(scenario())
+
+
+def test_calls_refused_for_pinned_slots_run_after_the_samples_release_them() -> None:
+    """A job or forward_backward the engine refuses with SlotsBusy (running samples read every
+    slot) is retried after each decode chunk, in its place in the queue, and succeeds once the
+    samples end; with no sampling work left, SlotsBusy is a real failure."""
+
+    async def scenario() -> None:
+        engine = ChunkedFakeEngine()
+        refusals: list[str] = []
+
+        def needs_a_slot(name: str):
+            def run(e: ChunkedFakeEngine) -> str:
+                if e.running:
+                    refusals.append(name)
+                    raise SlotsBusy("all adapter slots are read by running samples")
+                e._record(name)
+                return name
+
+            return run
+
+        def forward_backward(batch, loss_fn, loss_config, forward_only):
+            if engine.running:
+                refusals.append("fb")
+                raise SlotsBusy("all adapter slots are read by running samples")
+            engine._record("fb")
+            return [ForwardResult([], {"loss:sum": float(slot)}) for slot, _ in batch]
+
+        engine.forward_backward = forward_backward  # type: ignore[attr-defined]
+        worker = EngineWorker(engine, max_batch_datums=16, max_queued_sample_rows=64)  # type: ignore[arg-type]
+        worker.start()
+        engine.gate = threading.Event()
+        try:
+            blocker = worker.call(engine.job("blocker"))
+            await asyncio.sleep(0.05)
+            sample = worker.sample(sample_item(max_tokens=3))
+            jobs = [worker.call(needs_a_slot("create")), worker.forward_backward(item("a", 5)), worker.forward_backward(item("b", 6))]
+            engine.gate.set()
+            await blocker
+            assert await asyncio.gather(sample, *jobs) == [1, "create", 5.0, 6.0]
+            with pytest.raises(SlotsBusy):
+                await worker.call(lambda e: (_ for _ in ()).throw(SlotsBusy("no samples are running")))
+        finally:
+            worker.stop()
+        assert engine.log == ["blocker", "chunk", "chunk", "chunk", "create", "fb"]
+        assert refusals == ["create"] * 3
 
     asyncio.run(scenario())
 
