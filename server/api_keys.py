@@ -4,10 +4,11 @@ A key looks like `tml-{key_id}-{secret}` (the SDK insists on the `tml-` prefix).
 `sha256(salt + secret)` and the salt are stored, so a leaked database does not leak keys.
 
 Owners: a registered key's owner is its `key_id`. In open mode (no keys registered, or
-`--auth open`) any key is accepted and its owner is `anon-` + a hash of the key, so different
-keys are still different tenants. Modes:
+`--auth open`) any `tml-` key is accepted and its owner is `anon-` + a hash of the key, so
+different keys are still different tenants; a key without the prefix is refused in every mode,
+as the SDK would refuse it. Modes:
 
-- `auto` (default): keys are enforced as soon as at least one active key exists;
+- `auto` (default): any `tml-` key until at least one active key exists, then registered ones;
 - `required`: only registered keys are accepted (none registered: every request is refused);
 - `open`: any `tml-` key is accepted; registered keys still map to their own owner.
 """
@@ -128,4 +129,6 @@ class ApiKeyAuth:
                 self._owners[digest] = (registered, now + self._cache_s)
         if registered is not None:
             return registered
-        return None if self.enforced() else anonymous_owner(key)
+        if not key.startswith(KEY_PREFIX) or self.enforced():
+            return None
+        return anonymous_owner(key)

@@ -1,4 +1,4 @@
-"""The Starlette application: routes, error handling, auth, and the background lifecycle."""
+"""The Starlette application: routes, error handling, auth, body limits, and the background lifecycle."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from server.config import ServerOptions
 from server.engine_api import EngineAPI
 from server.errors import EXCEPTION_HANDLERS, UnexpectedErrorMiddleware
 from server.futures import FutureRegistry
+from server.http import LimitBodySize
 from server import metrics
 from server.routes import bootstrap, futures, rest, sampling, training
+from server.sequencer import Sequencer
 from server.service import Service
 from server.sessions import Sessions, utc_now
 from server.store import Store
@@ -41,6 +43,8 @@ def build_app(
     Metadata goes to `store`, by default the SQLite database `{checkpoint_dir}/tuft.db`.
     `on_shutdown` runs last when the app stops (e.g. releasing the other processes of a
     multi-host engine; uvicorn may end the process right after the app stops).
+    `app.state.shutting_down` is an event the server sets (on the app's loop) when it begins
+    to stop, so long-polls answer at once instead of holding the shutdown.
     """
     options = options or ServerOptions()
     if store is None:
@@ -54,6 +58,7 @@ def build_app(
         futures=FutureRegistry(ttl_s=options.future_ttl_s, journal=store),
         sessions=Sessions(store, timeout_s=options.session_timeout_s),
         metrics=metrics.Metrics(),
+        sequencer=Sequencer(options.seq_gap_timeout_s),
     )
     keys = ApiKeyAuth(store, options.auth, cache_s=options.auth_cache_s)
 
@@ -77,12 +82,26 @@ def build_app(
 
     app = Starlette(
         routes=[*bootstrap.routes, *training.routes, *sampling.routes, *futures.routes, *rest.routes, *metrics.routes],
-        middleware=[Middleware(UnexpectedErrorMiddleware), Middleware(RequireApiKey, keys=keys)],
+        middleware=[
+            Middleware(UnexpectedErrorMiddleware),
+            Middleware(LimitBodySize, limit_for=_body_limits(options)),
+            Middleware(RequireApiKey, keys=keys),
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.service = service
+    app.state.shutting_down = asyncio.Event()
     return app
+
+
+def _body_limits(options: ServerOptions) -> Callable[[str], int]:
+    """Body limit by path: the two routes whose bodies carry token data, and the rest."""
+    limits = {
+        "/api/v1/forward_backward": options.max_forward_backward_bytes,
+        "/api/v1/asample": options.max_sample_body_bytes,
+    }
+    return lambda path: limits.get(path, options.max_json_body_bytes)
 
 
 async def _sweep_forever(service: Service) -> None:

@@ -1,21 +1,31 @@
 """API-key gate and the caller's identity.
 
-Every request except health checks must carry `X-API-Key`; `ApiKeyAuth` (server.api_keys)
-turns it into an owner or refuses it with a 401 JSON body. The owner is published for the
-duration of the request in a context variable (`current_owner()`) and in `request.state.owner`;
-lookups of owned things (sessions, models, samplers, futures, checkpoints) compare it with
-the record's owner and answer 404 on a mismatch, so another tenant's ids look nonexistent.
-Outside a request (background sweeps, the CLI) there is no owner and nothing is filtered.
+Every request except the few listed in `_PUBLIC` must carry `X-API-Key`; `ApiKeyAuth`
+(server.api_keys) turns it into an owner or refuses it with a 401 JSON body. Exemptions
+match the method and the whole path exactly, so a checkpoint or run named `healthz` is
+never mistaken for a health check.
 
-One exception to the key requirement: a signed checkpoint download link (`GET .../archive?
-expires=...&sig=...`, handed out by the archive route to older SDKs) carries its own HMAC
-authorization, checked by that route, so it works with a plain HTTP client.
+Who the running code acts for lives in a context variable with three states:
+
+- an owner (a `str`): a request with an accepted key. Lookups of owned things (sessions,
+  models, samplers, futures, checkpoints) compare it with the record's owner and answer 404
+  on a mismatch, so another tenant's ids look nonexistent. It is also `request.state.owner`;
+- `Caller.ANONYMOUS`: a request without an authenticated caller (an exempt route). It owns
+  nothing: every ownership check fails, so a route reached without a key can reveal nothing;
+- `Caller.SYSTEM`, the default: code outside any request (background sweeps, recovery, the
+  CLI, tests calling the service directly), which sees everything.
+
+One exempt route reads a checkpoint: a signed download link (`GET .../archive?expires=...&
+sig=...`, handed out by the archive route to older SDKs) carries its own HMAC authorization,
+checked by that route, so it works with a plain HTTP client.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from contextvars import ContextVar
+from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -23,21 +33,34 @@ from server.api_keys import ApiKeyAuth
 from server.errors import error_response
 
 _API_KEY_HEADER = b"x-api-key"
-_EXEMPT_SUFFIX = "/healthz"
-_EXEMPT_PATHS = frozenset({"/metrics"})
+_PUBLIC = frozenset({("GET", "/healthz"), ("GET", "/api/v1/healthz"), ("GET", "/metrics")})
+"""(method, path) answered without a key: liveness probes and Prometheus scrapes. A HEAD
+counts as its GET, as the router treats it."""
 _SIGNED_DOWNLOAD = re.compile(r"/api/v1/training_runs/[^/]+/checkpoints/[^/]+/[^/]+/archive")
 
-_owner: ContextVar[str | None] = ContextVar("tuft_owner", default=None)
+
+class Caller(enum.Enum):
+    """Who the running code acts for when it is not an API key's owner."""
+
+    SYSTEM = "system"
+    """Outside any request: nothing is filtered."""
+    ANONYMOUS = "anonymous"
+    """A request without an authenticated caller: owns nothing."""
+
+
+_owner: ContextVar[str | Caller] = ContextVar("tuft_owner", default=Caller.SYSTEM)
 
 
 def current_owner() -> str | None:
-    """The owner the current request acts for; None outside requests (no filtering)."""
-    return _owner.get()
+    """The owner the current request acts for; None without an authenticated caller."""
+    caller = _owner.get()
+    return caller if isinstance(caller, str) else None
 
 
 def visible_to_caller(owner: str) -> bool:
+    """Whether the running code may see a thing owned by `owner`."""
     caller = _owner.get()
-    return caller is None or caller == owner
+    return caller is Caller.SYSTEM or caller == owner
 
 
 class RequireApiKey:
@@ -46,8 +69,11 @@ class RequireApiKey:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].endswith(_EXEMPT_SUFFIX) or scope["path"] in _EXEMPT_PATHS or _signed_download(scope):
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http" or _exempt(scope):
+            await self._as(Caller.ANONYMOUS, scope, receive, send)
             return
         key = next((value for name, value in scope["headers"] if name == _API_KEY_HEADER), b"")
         if not key:
@@ -58,16 +84,24 @@ class RequireApiKey:
             await error_response(401, "invalid or revoked API key")(scope, receive, send)
             return
         scope.setdefault("state", {})["owner"] = owner
-        token = _owner.set(owner)
+        await self._as(owner, scope, receive, send)
+
+    async def _as(self, caller: str | Caller, scope: Scope, receive: Receive, send: Send) -> None:
+        token = _owner.set(caller)
         try:
             await self.app(scope, receive, send)
         finally:
             _owner.reset(token)
 
 
+def _exempt(scope: Scope) -> bool:
+    method = "GET" if scope["method"] == "HEAD" else scope["method"]
+    return (method, scope["path"]) in _PUBLIC or _signed_download(scope)
+
+
 def _signed_download(scope: Scope) -> bool:
     return (
         scope["method"] == "GET"
-        and b"sig=" in scope.get("query_string", b"")
         and _SIGNED_DOWNLOAD.fullmatch(scope["path"]) is not None
+        and "sig" in parse_qs(scope.get("query_string", b"").decode("latin-1"))
     )

@@ -41,23 +41,39 @@ def tree_size(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
 
+class CheckpointWriteError(OSError):
+    """The server could not write a checkpoint (permissions, a full disk, ...): a server-side
+    failure, reported with what failed and where instead of the bare OSError's text."""
+
+
 def save(
     engine: EngineAPI, slot: int, directory: Path, *, with_optimizer: bool, peft: bool, replace: bool
 ) -> int:
     """Save `slot` to `directory` (with a PEFT export under `peft/` if asked); returns the size
-    in bytes. An existing directory is replaced only if `replace`."""
+    in bytes. An existing directory is replaced only if `replace`. A filesystem failure raises
+    CheckpointWriteError and leaves no trace: the pending directory is removed, an overwritten
+    checkpoint is kept."""
     if directory.exists() and not replace:
         raise InputError(f"checkpoint {directory.name!r} already exists")
-    directory.parent.mkdir(parents=True, exist_ok=True)
     pending = directory.with_name(f"{_PENDING}{directory.name}-{uuid.uuid4().hex}")
     try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
         engine.save_adapter(slot, pending, with_optimizer=with_optimizer)
         if peft:
             engine.export_peft(slot, pending / PEFT_DIR)
         _install(pending, directory)
+    except OSError as exc:
+        raise CheckpointWriteError(_write_failure(directory, exc)) from exc
     finally:
         shutil.rmtree(pending, ignore_errors=True)
     return tree_size(directory)
+
+
+def _write_failure(directory: Path, exc: OSError) -> str:
+    reason = exc.strerror.lower() if exc.strerror else str(exc)
+    if exc.filename is not None:
+        reason += f" ({exc.filename})"
+    return f"cannot write checkpoint {directory.name!r} under {directory.parent}: {reason}"
 
 
 def _install(pending: Path, directory: Path) -> None:

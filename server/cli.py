@@ -14,12 +14,21 @@ the key commands find the same database from the same `--checkpoint-dir`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+
+import uvicorn
 
 DEFAULT_CACHE_DIR = Path("~/.cache/tuft")
 DEFAULT_CHECKPOINT_DIR = DEFAULT_CACHE_DIR / "checkpoints"
+GRACEFUL_SHUTDOWN_S = 3.0
+"""After SIGTERM, how long requests still running may take before they are cancelled.
+Long-polls answer at once and the running engine call is waited for separately (by the
+app's shutdown), so this only bounds slow uploads and the like."""
 
 
 def _add_database_args(parser: argparse.ArgumentParser) -> None:
@@ -85,8 +94,6 @@ def serve(argv: list[str]) -> None:
     leader = args.process_id == 0
     store = _open_store(args) if leader else None  # before loading models, so a bad --db fails at once
     # Imported here so `tuft --help` answers without loading JAX.
-    import uvicorn
-
     from server.app import build_app
     from server.config import ServerOptions
     from tuft_jax import multihost
@@ -112,7 +119,24 @@ def serve(argv: list[str]) -> None:
             engine.broadcaster = multihost.Broadcaster(name)
         on_shutdown = multihost.shutdown_workers
     app = build_app(engines, checkpoint_dir, options=ServerOptions(auth=args.auth), store=store, on_shutdown=on_shutdown)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
+    )
+    _Server(config, on_exit=app.state.shutting_down.set).run()
+
+
+class _Server(uvicorn.Server):
+    """Also tells the app when a signal starts the shutdown: uvicorn waits for open requests
+    before the app hears of it, and a long-poll would hold that wait for up to `future_hold_s`."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        # The handler runs on the loop's thread, between any two bytecodes: hand over safely.
+        asyncio.get_running_loop().call_soon_threadsafe(self._on_exit)
 
 
 def api_key(argv: list[str]) -> None:

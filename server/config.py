@@ -1,10 +1,24 @@
-"""Tunables of the HTTP service (timeouts, retention, batching, auth)."""
+"""Tunables of the HTTP service (timeouts, retention, batching, auth, request sizes)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from server.api_keys import AuthMode
+
+MAX_FORWARD_BACKWARD_BYTES = 32 << 20
+"""Largest forward_backward protobuf, as sent and after zstd decompression. The SDK (0.38)
+splits a call into chunks of at most `fwdbwd_max_chunk_bytes_count` = 5,000,000 estimated
+payload bytes (or 1024 datums); framing adds ~100 bytes a datum, and one datum larger than
+that travels alone. 32 MiB is 6.7x the chunk target: a single datum of ~1M tokens at 32
+bytes a token (token + three loss inputs) still fits."""
+MAX_SAMPLE_BODY_BYTES = 16 << 20
+"""Largest asample (sample / compute_logprobs) JSON body. The SDK throttles sample dispatch
+at `sample_dispatch_bytes_semaphore_size` = 10 MiB estimated at 10 bytes a prompt token,
+i.e. prompts up to ~1M tokens; as JSON a token id takes at most 11 bytes."""
+MAX_JSON_BODY_BYTES = 1 << 20
+"""Largest body of every other route (sessions, heartbeats, model creation, optimizer steps,
+saves, futures, REST): a few hundred bytes from the SDK, plus whatever `user_metadata` holds."""
 
 
 @dataclass(frozen=True)
@@ -29,3 +43,14 @@ class ServerOptions:
     `required`: only registered keys; `open`: any key (each key still its own tenant)."""
     auth_cache_s: float = 5.0
     """How long a key check is cached (a revocation takes effect within this time)."""
+    max_forward_backward_bytes: int = MAX_FORWARD_BACKWARD_BYTES
+    """Body limit of forward_backward, compressed and decompressed (413 beyond it)."""
+    max_sample_body_bytes: int = MAX_SAMPLE_BODY_BYTES
+    """Body limit of asample (413 beyond it)."""
+    max_json_body_bytes: int = MAX_JSON_BODY_BYTES
+    """Body limit of every other route (413 beyond it)."""
+    seq_gap_timeout_s: float = 120.0
+    """How long requests of a model wait for a missing lower seq_id (one whose body could not
+    be read, so it was never accepted nor consumed) before it is skipped with a warning. Far
+    above the seconds the SDK takes to send the chunks of one call, and above its 60 s
+    per-attempt timeout plus backoff, so a chunk retried once still arrives in time."""

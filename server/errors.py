@@ -40,6 +40,12 @@ class Gone(ApiError):
     status = 410
 
 
+class PayloadTooLarge(ApiError):
+    """A request body (or its decompressed content) over the route's limit; the SDK does not retry a 413."""
+
+    status = 413
+
+
 def error_response(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 

@@ -16,6 +16,7 @@ import hmac
 import secrets
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -25,6 +26,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from server import checkpoint_files
+from server.auth import current_owner
 from server.errors import NotFound
 from server.http import json_response, read_json
 from server.paths import CheckpointRef, parse_checkpoint_id, parse_tinker_path, validate_model_id
@@ -40,13 +42,13 @@ from server.wire.types import (
     ListSessionsResponse,
     TrainingRun,
     TrainingRunsResponse,
+    TtlSeconds,
     WeightsInfoRequest,
     WeightsInfoResponse,
 )
 from tuft_jax.errors import InputError
 
 MAX_PAGE = 1000
-MAX_TTL_SECONDS = 10 * 366 * 24 * 3600
 DOWNLOAD_LINK_S = 900
 """How long a signed archive link (for SDKs <= 0.25) stays valid."""
 _LINK_SECRET = secrets.token_bytes(32)
@@ -54,7 +56,7 @@ _LINK_SECRET = secrets.token_bytes(32)
 
 
 class SetTtlRequest(msgspec.Struct):
-    ttl_seconds: int | None = None
+    ttl_seconds: TtlSeconds | None = None
 
 
 def _caller(request: Request) -> str:
@@ -280,8 +282,6 @@ async def _set_ttl(request: Request, service: Service, ref: CheckpointRef) -> Re
     body = await read_json(request, SetTtlRequest)
     service.owned_checkpoint(ref)
     ttl = body.ttl_seconds
-    if ttl is not None and not 0 < ttl <= MAX_TTL_SECONDS:
-        raise InputError(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS} (or null for no expiry), got {ttl}")
     expires_at = None if ttl is None else utc_now() + timedelta(seconds=ttl)
     service.store.set_checkpoint_expiry(ref, expires_at)
     return json_response({"expires_at": None if expires_at is None else expires_at.isoformat()})
@@ -298,26 +298,40 @@ def _archive(request: Request, service: Service, ref: CheckpointRef) -> Response
     `Accept: application/json` for `{"url", "expires"}` and then fetch the URL with a plain
     HTTP client, so they get a link signed for this path, valid for DOWNLOAD_LINK_S seconds.
     """
-    if getattr(request.state, "owner", None) is None:  # no API key: a signed link
-        try:
-            expires = int(request.query_params.get("expires", ""))
-        except ValueError:
-            expires = 0
-        signature = request.query_params.get("sig", "")
-        valid = hmac.compare_digest(signature, _link_signature(request.url.path, expires))
-        if not valid or expires < time.time():
-            raise NotFound("this download link is invalid or has expired")
-    directory = service.checkpoint_directory(ref)
-    if getattr(request.state, "owner", None) is not None and request.headers.get("accept") == "application/json":
-        expires = int(time.time()) + DOWNLOAD_LINK_S
-        link = request.url.replace(query=f"expires={expires}&sig={_link_signature(request.url.path, expires)}")
-        return json_response({"url": str(link), "expires": datetime.fromtimestamp(expires, UTC)})
+    if current_owner() is None:  # no API key: a signed link
+        directory = _signed_link_directory(request, service, ref)
+    else:
+        directory = service.checkpoint_directory(ref)
+        if request.headers.get("accept") == "application/json":
+            expires = int(time.time()) + DOWNLOAD_LINK_S
+            link = request.url.replace(query=f"expires={expires}&sig={_link_signature(request.url.path, expires)}")
+            return json_response({"url": str(link), "expires": datetime.fromtimestamp(expires, UTC)})
     filename = f"{ref.model_id.replace(':', '_')}-{ref.kind}-{ref.name}.tar.gz"
     return StreamingResponse(
         checkpoint_files.archive_chunks(directory, ref.name),
         media_type="application/gzip",
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
+
+
+def _signed_link_directory(request: Request, service: Service, ref: CheckpointRef) -> Path:
+    """The directory a valid, unexpired signed link names. The request has no caller, so no
+    ownership check could pass: the signature, handed to a caller who could read this
+    checkpoint, stands in for one."""
+    try:
+        expires = int(request.query_params.get("expires", ""))
+    except ValueError:
+        expires = 0
+    signature = request.query_params.get("sig", "")
+    invalid = NotFound("this download link is invalid or has expired")
+    expected = _link_signature(request.url.path, expires)
+    if not hmac.compare_digest(signature.encode(), expected.encode()) or expires < time.time():
+        raise invalid
+    record = service.store.get_checkpoint(ref)
+    directory = ref.directory(service.checkpoint_dir)
+    if record is None or record.expired(utc_now()) or not directory.is_dir():
+        raise invalid
+    return directory
 
 
 routes = [

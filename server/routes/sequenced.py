@@ -3,7 +3,8 @@
 The SDK numbers a model's requests 1, 2, 3, ..., retries with the same number, and moves on
 after a rejection, so every path here ends in exactly one of: the original request id, a
 new request queued in order, or a rejection that consumes the seq_id (except 429, which the
-SDK retries with the same seq_id).
+SDK retries with the same seq_id). A body too broken to name its seq_id cannot consume it;
+the sequencer skips such a gap after `ServerOptions.seq_gap_timeout_s`.
 """
 
 from __future__ import annotations
@@ -14,20 +15,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
-import zstandard
-from google.protobuf.message import DecodeError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from server.engine_api import EngineAPI
 from server.errors import NotFound
-from server.http import json_response
+from server.http import decode_json, json_response
 from server.runtime import LiveModel
 from server.service import Service, then
 from server.sessions import model_id_for, utc_now
 from server.store import TrainingRunRecord
-from server.wire import tinker_public_pb2 as pb
-from server.wire.proto_codec import MAX_DECOMPRESSED_BYTES
 from server.wire.types import UntypedAPIFuture
 from tuft_jax.errors import CapacityError
 from tuft_jax.types import LoraConfig
@@ -46,24 +43,12 @@ async def read_training_body(service: Service, request: Request, body_type: type
     """Decode a sequenced JSON request; if it is invalid, still consume its seq_id if it has one."""
     raw = await request.body()
     try:
-        return msgspec.json.decode(raw, type=body_type)
+        return decode_json(raw, body_type)
     except msgspec.ValidationError:
         with contextlib.suppress(msgspec.DecodeError):
-            ids = msgspec.json.decode(raw, type=_TrainingIds)
+            ids = decode_json(raw, _TrainingIds, limit_depth=False)
             consume(service, ids.model_id, ids.seq_id)
         raise
-
-
-def forward_envelope(body: bytes, content_encoding: str | None) -> tuple[str | None, int | None]:
-    """Best effort for a forward_backward body the codec refused: its (model_id, seq_id), if
-    the envelope parses, so the seq_id can be consumed and later requests do not wait for it."""
-    try:
-        if (content_encoding or "").strip().lower() == "zstd":
-            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_DECOMPRESSED_BYTES)
-        envelope = pb.ForwardBackwardRequest.FromString(body)
-    except (zstandard.ZstdError, DecodeError):
-        return None, None
-    return envelope.model_id, envelope.seq_id
 
 
 def consume(service: Service, model_id: str | None, seq_id: int | None) -> None:

@@ -29,7 +29,6 @@ from server.routes.sequenced import (
     Start,
     consume,
     create_model_with,
-    forward_envelope,
     read_training_body,
     submit_sequenced,
 )
@@ -37,7 +36,11 @@ from server.runtime import LiveModel, LiveSampler
 from server.service import Service, then
 from server.sessions import sampler_id_for, utc_now
 from server.store import CheckpointRecord, SamplerRecord
-from server.wire.proto_codec import decode_forward_backward_request, encode_forward_backward_output
+from server.wire.proto_codec import (
+    BadForwardBackwardRequest,
+    decode_forward_backward_request,
+    encode_forward_backward_output,
+)
 from server.wire.types import (
     CreateModelRequest,
     CreateModelResponse,
@@ -60,6 +63,7 @@ from tuft_jax.errors import InputError
 from tuft_jax.types import AdamParams, ForwardResult, LoraConfig
 
 DEFAULT_LORA_RANK = 32
+"""Rank of an adapter created without a lora_config, capped at the model's maximum."""
 
 
 def _save(
@@ -107,11 +111,8 @@ def _checkpoint_ref(model: LiveModel, kind: CheckpointKind, name: str | None) ->
 
 
 def _expiry(ttl_seconds: int | None) -> datetime | None:
-    if ttl_seconds is None:
-        return None
-    if ttl_seconds <= 0:
-        raise InputError(f"ttl_seconds must be positive, got {ttl_seconds}")
-    return utc_now() + timedelta(seconds=ttl_seconds)
+    """When a checkpoint saved now expires; the wire type bounds the TTL (server.wire.types)."""
+    return None if ttl_seconds is None else utc_now() + timedelta(seconds=ttl_seconds)
 
 
 def _check_optimizer(config: OptimizerConfigBody | None) -> None:
@@ -119,12 +120,16 @@ def _check_optimizer(config: OptimizerConfigBody | None) -> None:
         raise InputError(f"optimizer {config.type!r} is not supported; this server trains with adamw")
 
 
-def _lora_config(body: CreateModelRequest) -> LoraConfig:
+def _lora_config(body: CreateModelRequest, engine: EngineAPI) -> LoraConfig:
+    """The requested adapter, refused here if the engine cannot hold it (the wire type
+    already bounds rank >= 1 and the seed)."""
     lora = body.lora_config
     if lora is None:
-        return LoraConfig(rank=DEFAULT_LORA_RANK)
-    if lora.rank < 1:
-        raise InputError(f"lora rank must be at least 1, got {lora.rank}")
+        return LoraConfig(rank=min(DEFAULT_LORA_RANK, engine.max_lora_rank))
+    if lora.rank > engine.max_lora_rank:
+        raise InputError(
+            f"lora_config.rank {lora.rank} exceeds {engine.name}'s maximum LoRA rank {engine.max_lora_rank}"
+        )
     if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
         raise InputError("at least one of train_attn, train_mlp and train_unembed must be true")
     return LoraConfig(
@@ -165,7 +170,7 @@ async def create_model(request: Request) -> Response:
     body = await read_json(request, CreateModelRequest)
     service = Service.of(request)
     engine = service.engine(body.base_model)
-    lora = _lora_config(body)
+    lora = _lora_config(body, engine)
     _check_optimizer(body.optimizer_config)
 
     def run(e: EngineAPI, model: LiveModel) -> LoraConfig:
@@ -272,10 +277,11 @@ def _create_via_load(service: Service, body: LoadWeightsRequest) -> Response:
 async def forward_backward(request: Request) -> Response:
     service = Service.of(request)
     body, encoding = await request.body(), request.headers.get("content-encoding")
+    limit = service.options.max_forward_backward_bytes
     try:
-        call = await run_in_threadpool(decode_forward_backward_request, body, encoding)
-    except InputError:
-        consume(service, *await run_in_threadpool(forward_envelope, body, encoding))
+        call = await run_in_threadpool(decode_forward_backward_request, body, encoding, max_decompressed_bytes=limit)
+    except BadForwardBackwardRequest as exc:
+        consume(service, exc.model_id, exc.seq_id)
         raise
 
     async def prepare(model: LiveModel) -> Start:

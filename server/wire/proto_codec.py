@@ -16,24 +16,34 @@ import numpy as np
 import zstandard
 from google.protobuf.message import DecodeError
 
+from server.config import MAX_FORWARD_BACKWARD_BYTES
+from server.errors import PayloadTooLarge
 from server.wire import tinker_public_pb2 as pb
 from tuft_jax.errors import InputError
 from tuft_jax.types import Datum, SampleResult
 
-MAX_DECOMPRESSED_BYTES = 1 << 30
-"""Largest forward_backward body accepted after zstd decompression (guards against bombs)."""
-
 MAX_SPARSE_CELLS = 1 << 28
 """Largest dense size a sparse CSR input may expand to (its shape is not bounded by the body)."""
 
-# Compressed bytes fed per step: zstd expands at most ~32768x, so one step cannot
-# overshoot the size limit by more than ~32 MiB before the check runs.
-_ZSTD_FEED_BYTES = 1024
+_ZSTD_MAX_RATIO = 1 << 16
+"""Bound (with 2x margin) on zstd's output per input byte: a 4-byte RLE block yields 128 KiB."""
+_ZSTD_MIN_FEED_BYTES = 64
+"""Smallest step, near the limit: the output overshoots the limit by at most 4 MiB."""
 
 _TOPK_PAD_TOKEN = 0
 _TOPK_PAD_LOGPROB = -99999.0
 
 _STOP_REASONS: dict[str, int] = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
+
+
+class BadForwardBackwardRequest(InputError):
+    """A refused body, with the envelope's (model_id, seq_id) when the protobuf parsed, so the
+    route can consume that seq_id and the model's later requests need not wait for it."""
+
+    def __init__(self, message: str, model_id: str | None = None, seq_id: int | None = None) -> None:
+        super().__init__(message)
+        self.model_id = model_id
+        self.seq_id = seq_id
 
 
 @dataclass(frozen=True)
@@ -75,27 +85,37 @@ def decode_forward_backward_request(
     body: bytes,
     content_encoding: str | None,
     *,
-    max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES,
+    max_decompressed_bytes: int = MAX_FORWARD_BACKWARD_BYTES,
 ) -> ForwardBackwardCall:
-    """Parse a (possibly zstd-compressed) `ForwardBackwardRequest` body."""
-    raw = _decompress(body, content_encoding, max_decompressed_bytes)
+    """Parse a (possibly zstd-compressed) `ForwardBackwardRequest` body.
+
+    Raises `PayloadTooLarge` past `max_decompressed_bytes` and `BadForwardBackwardRequest`
+    for anything malformed.
+    """
+    try:
+        raw = _decompress(body, content_encoding, max_decompressed_bytes)
+    except InputError as exc:
+        raise BadForwardBackwardRequest(str(exc)) from exc
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(raw)
     except DecodeError as exc:
-        raise InputError(
+        raise BadForwardBackwardRequest(
             f"request body is not a valid ForwardBackwardRequest protobuf: {exc}"
         ) from exc
-    if not msg.data:
-        raise InputError("request has no data: forward_backward needs at least one datum")
-    return ForwardBackwardCall(
-        model_id=msg.model_id,
-        seq_id=msg.seq_id,
-        loss_fn=msg.loss_fn,
-        loss_fn_config=_loss_fn_config(msg),
-        forward_only=msg.forward_only,
-        data=[_decode_datum(i, datum) for i, datum in enumerate(msg.data)],
-    )
+    try:
+        if not msg.data:
+            raise InputError("request has no data: forward_backward needs at least one datum")
+        return ForwardBackwardCall(
+            model_id=msg.model_id,
+            seq_id=msg.seq_id,
+            loss_fn=msg.loss_fn,
+            loss_fn_config=_loss_fn_config(msg),
+            forward_only=msg.forward_only,
+            data=[_decode_datum(i, datum) for i, datum in enumerate(msg.data)],
+        )
+    except InputError as exc:
+        raise BadForwardBackwardRequest(str(exc), msg.model_id, msg.seq_id) from exc
 
 
 def _decompress(body: bytes, content_encoding: str | None, limit: int) -> bytes | bytearray:
@@ -111,9 +131,11 @@ def _decompress(body: bytes, content_encoding: str | None, limit: int) -> bytes 
 
 
 def _zstd_decompress(body: bytes, limit: int) -> bytearray:
-    """Decompress every frame in small steps; unlike `stream_reader`, this notices truncation.
+    """Decompress every frame in steps; unlike `stream_reader`, this notices truncation.
 
-    Frames need not declare their content size, so the size limit is enforced on the output.
+    Frames need not declare their content size, so the limit is enforced on the output.
+    Each step feeds only as many bytes as can expand into the room left under the limit (at
+    least a minimal step), so a bomb stops a few MiB past the limit.
     """
     view = memoryview(body)
     out = bytearray()
@@ -123,11 +145,12 @@ def _zstd_decompress(body: bytes, limit: int) -> bytearray:
         while not frame.eof:
             if pos >= len(view):
                 raise InputError("zstd request body is truncated: its last frame is incomplete")
-            end = min(pos + _ZSTD_FEED_BYTES, len(view))
+            feed = max(_ZSTD_MIN_FEED_BYTES, (limit - len(out)) // _ZSTD_MAX_RATIO)
+            end = min(pos + feed, len(view))
             out += frame.decompress(view[pos:end])
             pos = end
             if len(out) > limit:
-                raise InputError(f"request body decompresses to more than {limit} bytes")
+                raise PayloadTooLarge(f"request body decompresses to more than {limit} bytes, the limit of forward_backward")
         pos -= len(frame.unused_data)
         if pos >= len(view):
             return out

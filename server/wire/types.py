@@ -9,9 +9,22 @@ discriminator the SDK inspects (`try_again`) is a struct tag, which is always en
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+
+INT64_MAX = 2**63 - 1
+MAX_TTL_SECONDS = 10 * 366 * 24 * 3600
+"""The longest checkpoint TTL (ten years): further out, expiry dates stop being dates."""
+
+SeqId = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+"""A client-chosen sequence number (`seq_id`, `model_seq_id`, ...): an int64 >= 0."""
+TtlSeconds = Annotated[int, msgspec.Meta(ge=1, le=MAX_TTL_SECONDS)]
+"""A checkpoint's time to live in seconds; the fields are nullable, null meaning no expiry."""
+LoraRank = Annotated[int, msgspec.Meta(ge=1)]
+"""The upper bound is the engine's `max_lora_rank`, checked by the create_model route."""
+LoraSeed = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+"""The engine's PRNG takes an int64 seed."""
 
 
 class Request(msgspec.Struct, kw_only=True):
@@ -69,8 +82,8 @@ class GetServerCapabilitiesResponse(Response):
 
 
 class LoraConfigBody(Request):
-    rank: int
-    seed: int | None = None
+    rank: LoraRank
+    seed: LoraSeed | None = None
     train_unembed: bool = True
     train_mlp: bool = True
     train_attn: bool = True
@@ -82,7 +95,7 @@ class OptimizerConfigBody(Request):
 
 class CreateModelRequest(Request):
     session_id: str
-    model_seq_id: int
+    model_seq_id: SeqId
     base_model: str
     user_metadata: dict[str, Any] | None = None
     lora_config: LoraConfigBody | None = None
@@ -114,9 +127,9 @@ class LoadWeightsRequest(Request):
     path: str
     optimizer: bool
     model_id: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     session_id: str | None = None
-    model_seq_id: int | None = None
+    model_seq_id: SeqId | None = None
     base_model: str | None = None
     user_metadata: dict[str, Any] | None = None
     optimizer_config: OptimizerConfigBody | None = None
@@ -138,7 +151,7 @@ class AdamParamsBody(Request):
 
 class OptimStepRequest(Request):
     model_id: str
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     adam_params: AdamParamsBody | None = None
     optimizer_params: dict[str, Any] | None = None
 
@@ -150,8 +163,8 @@ class OptimStepResponse(Response):
 class SaveWeightsRequest(Request):
     model_id: str
     path: str | None = None
-    seq_id: int | None = None
-    ttl_seconds: int | None = None
+    seq_id: SeqId | None = None
+    ttl_seconds: TtlSeconds | None = None
     overwrite: bool = False
     user_metadata: dict[str, str] | None = None
 
@@ -163,9 +176,9 @@ class SaveWeightsResponse(Response, tag_field="type", tag="save_weights"):
 class SaveWeightsForSamplerRequest(Request):
     model_id: str
     path: str | None = None
-    sampling_session_seq_id: int | None = None
-    seq_id: int | None = None
-    ttl_seconds: int | None = None
+    sampling_session_seq_id: SeqId | None = None
+    seq_id: SeqId | None = None
+    ttl_seconds: TtlSeconds | None = None
     user_metadata: dict[str, str] | None = None
 
 
@@ -176,7 +189,7 @@ class SaveWeightsForSamplerResponse(Response, tag_field="type", tag="save_weight
 
 class SaveWeightsExternalRequest(Request):
     model_id: str
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
 
 
 # ---- sampling ---------------------------------------------------------------------------------
@@ -184,7 +197,7 @@ class SaveWeightsExternalRequest(Request):
 
 class CreateSamplingSessionRequest(Request):
     session_id: str
-    sampling_session_seq_id: int
+    sampling_session_seq_id: SeqId
     base_model: str | None = None
     model_path: str | None = None
 
@@ -226,7 +239,7 @@ class SampleRequest(Request):
     sampling_params: SamplingParamsBody
     num_samples: int = 1
     sampling_session_id: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     prompt_logprobs: bool | None = None
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0

@@ -10,12 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from starlette.responses import PlainTextResponse
 from starlette.testclient import TestClient
 from tinker import types as T
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from server import cli
 from server.api_keys import ApiKeyAuth, anonymous_owner, create_api_key, verify_api_key
+from server.auth import RequireApiKey, current_owner, visible_to_caller
 from server.store_sql import SqlStore
 
 OTHER_KEY = "tml-someone-else"
@@ -92,6 +94,40 @@ def test_auth_modes(tmp_path: Path) -> None:
     assert auto.owner(key) == required.owner(key) == open_.owner(key) == record.key_id
     with pytest.raises(ValueError):
         ApiKeyAuth(store, "sometimes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["auto", "open"])
+def test_unregistered_keys_need_the_tml_prefix(keyed_app, mode: str) -> None:
+    auth = ApiKeyAuth(SqlStore.sqlite(":memory:"), mode, cache_s=0)  # type: ignore[arg-type]
+    assert auth.owner("tml-x") == anonymous_owner("tml-x")
+    assert [auth.owner(key) for key in ("x", "TML-x", "sk-tml-x", " tml-x")] == [None] * 4
+    with keyed_app(auth=mode) as client:
+        refused = client.post("/api/v1/client/config", json={}, headers={"X-API-Key": "sk-123"})
+        assert refused.status_code == 401 and refused.json()["detail"]
+        assert client.post("/api/v1/client/config", json={}, headers={"X-API-Key": "tml-123"}).status_code == 200
+
+
+def test_a_request_without_a_caller_owns_nothing() -> None:
+    """Outside requests everything is visible; inside one, only the authenticated caller's
+    things; an exempt request (no caller) sees nothing at all."""
+    store = SqlStore.sqlite(":memory:")
+    key, record = create_api_key(store, "alice")
+    seen: list[tuple[str | None, bool, bool]] = []
+
+    async def app(scope, receive, send) -> None:
+        seen.append((current_owner(), visible_to_caller(record.key_id), visible_to_caller("")))
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    client = TestClient(RequireApiKey(app, ApiKeyAuth(store, "required")))
+    assert client.get("/healthz").status_code == client.head("/metrics").status_code == 200
+    assert client.get("/api/v1/training_runs/x/checkpoints/a/b/archive?sig=1").status_code == 200
+    assert client.get("/api/v1/healthz", headers={"X-API-Key": key}).status_code == 200
+    assert client.get("/api/v1/training_runs/x/checkpoints/weights/healthz").status_code == 401
+    assert client.get("/api/v1/training_runs/x/checkpoints/a/b/archive?xsig=1").status_code == 401
+    assert client.post("/healthz").status_code == 401, "exemptions match the method too"
+    assert client.get("/owned", headers={"X-API-Key": key}).status_code == 200
+    assert seen == [(None, False, False)] * 4 + [(record.key_id, True, False)]
+    assert (current_owner(), visible_to_caller(record.key_id), visible_to_caller("")) == (None, True, True)
 
 
 def test_cache_delays_enforcement_by_at_most_its_ttl() -> None:

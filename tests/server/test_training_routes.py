@@ -57,7 +57,8 @@ def test_create_model_retry_returns_same_future(api) -> None:
     assert api.result(first["request_id"]) == {"type": "create_model", "model_id": f"{session}:train:3"}
 
 
-def test_create_model_failure_is_a_failed_future(api, client: TestClient) -> None:
+def test_create_model_failure_is_a_failed_future(api, client: TestClient, engine) -> None:
+    engine.max_lora_rank = 999  # advertised, so the route lets it through; the engine refuses
     session = api.session()
     body = {"session_id": session, "model_seq_id": 0, "base_model": "fake/tiny", "lora_config": {"rank": 999}}
     result = api.result(api.post("create_model", body)["request_id"])
@@ -66,11 +67,30 @@ def test_create_model_failure_is_a_failed_future(api, client: TestClient) -> Non
 
 
 @pytest.mark.parametrize(
-    "lora", [{"rank": 0}, {"rank": 4, "train_attn": False, "train_mlp": False, "train_unembed": False}]
+    ("lora", "named"),
+    [
+        ({"rank": 0}, "rank"),
+        ({"rank": 17}, "rank"),  # the fake engine's max_lora_rank is 16
+        ({"rank": 4, "seed": -1}, "seed"),
+        ({"rank": 4, "seed": 2**63}, "seed"),
+        ({"rank": 4, "seed": 2**64}, "seed"),
+        ({"rank": 4, "train_attn": False, "train_mlp": False, "train_unembed": False}, "train_attn"),
+    ],
 )
-def test_create_model_rejects_bad_lora(api, client: TestClient, lora: dict) -> None:
-    body = {"session_id": api.session(), "model_seq_id": 0, "base_model": "fake/tiny", "lora_config": lora}
-    assert client.post("/api/v1/create_model", json=body).status_code == 400
+def test_create_model_rejects_bad_lora(api, client: TestClient, engine, lora: dict, named: str) -> None:
+    session = api.session()
+    body = {"session_id": session, "model_seq_id": 0, "base_model": "fake/tiny", "lora_config": lora}
+    response = client.post("/api/v1/create_model", json=body)
+    assert response.status_code == 400 and named in response.json()["detail"], response.text
+    assert engine.adapters == {}, "refused before reaching the engine"
+    assert api.model(session, rank=16), "the model's maximum rank itself is fine"
+
+
+def test_create_model_default_rank_fits_the_model(api, engine) -> None:
+    session = api.session()
+    future = api.post("create_model", {"session_id": session, "model_seq_id": 0, "base_model": "fake/tiny"})
+    assert api.result(future["request_id"])["model_id"] == f"{session}:train:0"
+    assert [a["lora"].rank for a in engine.adapters.values()] == [engine.max_lora_rank]
 
 
 def test_forward_backward_optim_step_flow(api, client: TestClient, engine) -> None:
@@ -210,6 +230,38 @@ def test_save_weights_for_sampler_named_and_ephemeral(api, client: TestClient, e
     assert neither.status_code == 400
     taken = client.post("/api/v1/save_weights_for_sampler", json={**ephemeral, "seq_id": 4})
     assert taken.status_code == 400 and "already exists" in taken.json()["detail"]
+
+
+@pytest.mark.parametrize("route", ["save_weights", "save_weights_for_sampler"])
+def test_unwritable_checkpoint_directory_fails_the_save_clearly(api, client: TestClient, tmp_path, route) -> None:
+    model_id = api.model(api.session())
+    blocker = tmp_path / "checkpoints" / model_id
+    blocker.write_text("a file where the run's checkpoint directory belongs")  # blocks even root
+    result = api.result(api.post(route, {"model_id": model_id, "path": "step-1", "seq_id": 1})["request_id"])
+    assert result["category"] == "server"
+    assert f"cannot write checkpoint 'step-1' under {blocker}/" in result["error"]
+    assert "not a directory" in result["error"]
+    assert client.get("/api/v1/checkpoints").json()["checkpoints"] == []
+    assert "metrics" in api.result(api.post("optim_step", optim(model_id, 2))["request_id"]), "the worker lives on"
+    blocker.unlink()
+    assert api.result(api.post(route, {"model_id": model_id, "path": "step-1", "seq_id": 3})["request_id"])["path"]
+
+
+def test_permission_denied_names_the_checkpoint_and_leaves_nothing(api, client: TestClient, engine, tmp_path) -> None:
+    model_id = api.model(api.session())
+
+    def refuse(slot: int, directory, *, with_optimizer: bool) -> int:
+        directory.mkdir(parents=True)
+        (directory / "half").write_text("x")
+        raise PermissionError(13, "Permission denied", str(directory / "state"))
+
+    engine.save_adapter = refuse
+    result = api.result(api.post("save_weights", {"model_id": model_id, "path": "step-1", "seq_id": 1})["request_id"])
+    weights = tmp_path / "checkpoints" / model_id / "weights"
+    assert result["category"] == "server"
+    assert f"cannot write checkpoint 'step-1' under {weights}: permission denied" in result["error"]
+    assert list(weights.iterdir()) == [], "no half-written checkpoint"
+    assert client.get("/api/v1/checkpoints").json()["checkpoints"] == []
 
 
 def test_save_weights_external_is_refused_but_consumes(api, client: TestClient) -> None:

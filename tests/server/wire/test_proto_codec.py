@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import tracemalloc
 from collections.abc import Callable
 
 import numpy as np
@@ -19,8 +20,10 @@ from tinker.proto.response_conv import (
     deserialize_sample_response,
 )
 
+from server.errors import PayloadTooLarge
 from server.wire import tinker_public_pb2 as pb
 from server.wire.proto_codec import (
+    BadForwardBackwardRequest,
     decode_forward_backward_request,
     encode_forward_backward_output,
     encode_sample_response,
@@ -185,14 +188,56 @@ def test_zstd_body(compress: Callable[[bytes], bytes]) -> None:
         (zstandard.compress(b"x" * 64)[:-3], "zstd", "truncated"),
         (b"", "zstd", "truncated"),
         (b"definitely not zstd", "zstd", "not valid zstd data"),
-        (zstandard.compress(b"\0" * (1 << 20)), "zstd", "more than 65536 bytes"),
         (b"", "gzip", "unsupported Content-Encoding 'gzip'"),
+        (_sdk_body([_simple_datum()]), "zstd", "not valid zstd data"),
     ],
-    ids=["truncated", "empty", "garbage", "bomb", "gzip"],
+    ids=["truncated", "empty", "garbage", "gzip", "plain-body-labelled-zstd"],
 )
 def test_bad_bodies(body: bytes, encoding: str, message: str) -> None:
-    with pytest.raises(InputError, match=re.escape(message)):
+    with pytest.raises(BadForwardBackwardRequest, match=re.escape(message)) as raised:
         decode_forward_backward_request(body, encoding, max_decompressed_bytes=1 << 16)
+    assert (raised.value.model_id, raised.value.seq_id) == (None, None)
+
+
+def zstd_zeros(size: int, *, declare_size: bool) -> bytes:
+    """`size` zero bytes as one zstd frame (~32 KiB per GiB), without holding them in memory."""
+    compressor = zstandard.ZstdCompressor(level=1).compressobj(size=size if declare_size else -1)
+    block = bytes(1 << 20)
+    return b"".join(compressor.compress(block) for _ in range(size >> 20)) + compressor.flush()
+
+
+@pytest.mark.parametrize("declare_size", [True, False], ids=["declared-1GiB", "undeclared"])
+def test_zstd_bomb_stops_near_the_limit(declare_size: bool) -> None:
+    bomb = zstd_zeros(1 << 30, declare_size=declare_size)
+    limit = 8 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(PayloadTooLarge, match=f"more than {limit} bytes"):
+            decode_forward_backward_request(bomb, "zstd", max_decompressed_bytes=limit)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < limit + (8 << 20)
+
+
+def test_body_exactly_at_the_limit_is_accepted() -> None:
+    raw = _sdk_body([_simple_datum(), _simple_datum(6)])
+    call = decode_forward_backward_request(zstandard.compress(raw), "zstd", max_decompressed_bytes=len(raw))
+    assert len(call.data) == 2
+    with pytest.raises(PayloadTooLarge):
+        decode_forward_backward_request(zstandard.compress(raw), "zstd", max_decompressed_bytes=len(raw) - 1)
+
+
+def test_refusal_after_parsing_carries_the_envelope_ids() -> None:
+    msg = _valid()
+    msg.data[0].model_input[0].encoded_text.tokens = b"\x01\x02\x03"
+    with pytest.raises(BadForwardBackwardRequest, match="not a whole number") as raised:
+        decode_forward_backward_request(zstandard.compress(msg.SerializeToString()), "zstd")
+    assert (raised.value.model_id, raised.value.seq_id) == ("sess:train:0", 7)
+    del msg.data[:]
+    with pytest.raises(BadForwardBackwardRequest, match="no data") as raised:
+        decode_forward_backward_request(msg.SerializeToString(), None)
+    assert raised.value.seq_id == 7
 
 
 def _valid() -> pb.ForwardBackwardRequest:
