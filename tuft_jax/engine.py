@@ -26,6 +26,7 @@ from tuft_jax import adapters, checkpoints, losses, peft_export
 from tuft_jax.batching import build_train_batch
 from tuft_jax.decode_scheduler import DecodeScheduler, SampleJob
 from tuft_jax.errors import CapacityError, InputError, SlotsBusy
+from tuft_jax.layers import LoraForm
 from tuft_jax.multihost import Broadcaster, collective, to_host
 from tuft_jax.model_registry import BaseModelSpec
 from tuft_jax.models.decoder import LoraShape
@@ -45,6 +46,16 @@ DECODE_ROWS = 32
 """Sequences decoded together (continuous batching); each holds a KV cache of up to the context length."""
 DECODE_CHUNK = 16
 """Tokens decoded per row between two visits of the host (admissions, stop strings, training jobs)."""
+
+
+def lora_form(slots: Collection[int]) -> LoraForm:
+    """On accelerators `single` when one adapter (plus the bare base model) is in the batch, else
+    the grouped matmul. On XLA:CPU every batch gathers each row's adapter: `ragged_dot` is
+    expanded into one dense product per slot there (memory and time grow with the slots), and
+    the per-row form measured faster than `single` too (`docs/performance.md`)."""
+    if jax.default_backend() == "cpu":
+        return "per_row"
+    return "single" if len(set(slots) - {0}) <= 1 else "grouped"
 
 
 def _random_seed() -> int:
@@ -287,10 +298,13 @@ class Engine:
         )
         arrays = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, x.ndim)), host)
         config = {key: jnp.float32(value) for key, value in loss_config.items()}
+        form = lora_form({slot for slot, _ in rows})
         if forward_only:
-            lp, per_row = forward(self.graphdef, self.base, self.lora, arrays, config, loss_fn)
+            lp, per_row = forward(self.graphdef, self.base, self.lora, arrays, config, loss_fn, lora_form=form)
         else:
-            step_grads, lp, per_row = forward_backward(self.graphdef, self.base, self.lora, arrays, config, loss_fn)
+            step_grads, lp, per_row = forward_backward(
+                self.graphdef, self.base, self.lora, arrays, config, loss_fn, lora_form=form
+            )
             self.grads = accumulate(self.grads, step_grads)
         lp, per_row = to_host(lp), to_host(per_row)
         results, row = [], 0

@@ -7,24 +7,35 @@ comes in with the batch.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tuft_jax.attention import attention
+
 LORA_GROUPS = ("attn", "mlp", "unembed")
 
 
-class AdapterBatch(NamedTuple):
-    """Which adapter slot each example uses and its LoRA scale per target group ([B, 3]).
+LoraForm = Literal["single", "per_row", "grouped"]
+"""How a batch's LoRA deltas are computed (a static choice, one compiled variant each):
 
-    `per_row` (a Python bool) gathers each example's A and B instead of the segment matmul: the
-    BGMV form, cheaper for a few tokens per example (decode steps), costlier for long rows."""
+- `single`: every row with a nonzero scale uses one slot: plain matmuls on that slot's A and B;
+- `per_row`: each row gathers its own A and B (BGMV): cost O(rows x in x rank) beyond the
+  matmuls, the form for decode steps and for mixed batches where no grouped matmul exists;
+- `grouped`: tokens sorted by slot through `ragged_dot` (a grouped GEMM on accelerators;
+  XLA:CPU expands it into one dense product per slot).
+"""
+
+
+class AdapterBatch(NamedTuple):
+    """Which adapter slot each example uses, its LoRA scale per target group ([B, 3]), and the
+    `form` (a Python string) the deltas are computed in."""
 
     slots: jax.Array
     scales: jax.Array
-    per_row: bool = False
+    form: LoraForm = "grouped"
 
     def scale(self, group: str) -> jax.Array:
         return self.scales[:, LORA_GROUPS.index(group)]
@@ -49,12 +60,8 @@ class RMSNorm(nnx.Module):
 
 
 class LoraDelta(nnx.Module):
-    """The low-rank update (x @ A[slot]) @ B[slot] * scale for a batch mixing adapter slots.
-
-    Tokens are sorted by slot and multiplied group by group with `ragged_dot` (a segment
-    matmul), so the cost does not grow with the number of slots and no per-example copy of
-    A or B is made.
-    """
+    """The low-rank update (x @ A[slot]) @ B[slot] * scale for a batch mixing adapter slots,
+    in the batch's `LoraForm`; no form makes a per-slot copy of the activations."""
 
     def __init__(self, in_features: int, out_features: int, *, slots: int, rank: int, group: str) -> None:
         self.lora_a = nnx.LoRAParam(jnp.zeros((slots, in_features, rank), jnp.float32))
@@ -62,19 +69,25 @@ class LoraDelta(nnx.Module):
         self.group = group
 
     def __call__(self, x: jax.Array, adapters: AdapterBatch) -> jax.Array:
-        b, t, d = x.shape
-        if adapters.per_row:
+        scale = adapters.scale(self.group).astype(x.dtype)[:, None, None]
+        if adapters.form == "single":
+            # Rows of other slots (padding, the bare base model) have scale 0.
+            slot = jnp.max(adapters.slots)
+            a = jax.lax.dynamic_index_in_dim(self.lora_a[...], slot, keepdims=False).astype(x.dtype)
+            b = jax.lax.dynamic_index_in_dim(self.lora_b[...], slot, keepdims=False).astype(x.dtype)
+            return ((x @ a) * scale) @ b
+        if adapters.form == "per_row":
             a = self.lora_a[...][adapters.slots].astype(x.dtype)
-            scale = adapters.scale(self.group).astype(x.dtype)[:, None, None]
             low = jnp.einsum("btd,bdr->btr", x, a) * scale
             return jnp.einsum("btr,bro->bto", low, self.lora_b[...][adapters.slots].astype(x.dtype))
+        b, t, d = x.shape
         num_slots = self.lora_a.shape[0]
         token_slots = jnp.repeat(adapters.slots, t)
         order = jnp.argsort(token_slots, stable=True)
         group_sizes = jnp.bincount(token_slots, length=num_slots).astype(jnp.int32)
-        scale = jnp.repeat(adapters.scale(self.group), t)[order].astype(x.dtype)
+        token_scale = jnp.repeat(adapters.scale(self.group), t)[order].astype(x.dtype)
         low = jax.lax.ragged_dot(x.reshape(b * t, d)[order], self.lora_a[...].astype(x.dtype), group_sizes)
-        out = jax.lax.ragged_dot(low * scale[:, None], self.lora_b[...].astype(x.dtype), group_sizes)
+        out = jax.lax.ragged_dot(low * token_scale[:, None], self.lora_b[...].astype(x.dtype), group_sizes)
         return jnp.zeros_like(out).at[order].set(out).reshape(b, t, -1)
 
 
@@ -102,21 +115,23 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    q_segments: jax.Array | None = None,
+    k_segments: jax.Array | None = None,
+) -> jax.Array:
     """Grouped-query causal attention: a query sees the keys whose position is <= its own.
 
     q is [B, T, H, D]; k, v are [B, S, K, D] with H a multiple of K. Padding after a sequence
-    is never attended by its real tokens, and a KV cache is written in position order.
+    is never attended by its real tokens, and a KV cache is written in position order. With
+    segment ids ([B, T], [B, S]) a query also sees only keys of its own segment. Long queries
+    (training, prefill) never materialise the [T, S] scores (`tuft_jax.attention`).
     """
-    b, t, h, d = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
-    allowed = k_positions[:, None, :] <= q_positions[:, :, None]
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    return attention(q, k, v, q_positions, k_positions, q_segments, k_segments)
 
 
 def write_cache(cache: KVCache, k: jax.Array, v: jax.Array, start: jax.Array) -> KVCache:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tuft_jax.chunking import CHUNK_TOKENS, map_chunks
 from tuft_jax.layers import AdapterBatch, KVCache
 
 MAX_STOP_IDS = 32
@@ -175,16 +176,27 @@ def _row_keys(seeds: jax.Array, sample_index: jax.Array) -> jax.Array:
 
 
 def _prompt_scores(
-    logits: jax.Array, prompts: jax.Array, topk: int
+    model: nnx.Module,
+    hidden: jax.Array,
+    adapters: AdapterBatch,
+    prompts: jax.Array,
+    topk: int,
+    chunk_tokens: int = CHUNK_TOKENS,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Logprob of each prompt token given its prefix (NaN at position 0) and the top-k
-    alternatives at each position (row p - 1 scores position p)."""
-    log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    chosen = jnp.take_along_axis(log_probs, prompts[:, 1:, None], axis=-1)[..., 0]
+    alternatives at each position (row p - 1 scores position p), from logits computed chunk by
+    chunk over the prompt (`map_chunks`) rather than [U, W, V] at once."""
+
+    def chunk_scores(h: jax.Array, next_tokens: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+        log_probs = jax.nn.log_softmax(model.logits(h, adapters), axis=-1)
+        chosen = jnp.take_along_axis(log_probs, next_tokens[..., None], axis=-1)[..., 0]
+        if topk == 0:
+            return chosen, None, None
+        top_lp, top_ids = jax.lax.top_k(log_probs, topk)
+        return chosen, top_ids, top_lp
+
+    chosen, top_ids, top_lp = map_chunks(chunk_scores, (hidden[:, :-1], prompts[:, 1:]), chunk_tokens)
     scores = jnp.concatenate([jnp.full((prompts.shape[0], 1), jnp.nan, jnp.float32), chosen], axis=1)
-    if topk == 0:
-        return scores, None, None
-    top_lp, top_ids = jax.lax.top_k(log_probs, topk)
     return scores, top_ids, top_lp
 
 
@@ -199,7 +211,7 @@ def prefill(
 ) -> Prefilled:
     """Runs the U prompts, and draws each entry's first token from its prompt's last position."""
     model = nnx.merge(graphdef, base, lora)
-    adapters = AdapterBatch(adm.prompt_slots, adm.prompt_scales, per_row=True)  # at most R prompts
+    adapters = AdapterBatch(adm.prompt_slots, adm.prompt_scales, form="per_row")  # at most R prompts
     u, width = adm.prompts.shape
     caches = model.init_caches(u, width, base["model"]["embed_tokens"]["weight"].dtype)
     positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (u, width))
@@ -211,7 +223,7 @@ def prefill(
     done = _hits_stop(token, adm.stop_ids) | (adm.max_tokens <= 1)
     scores = (None, None, None)
     if score_prompt:
-        scores = _prompt_scores(model.logits(hidden, adapters), adm.prompts, topk_prompt)
+        scores = _prompt_scores(model, hidden, adapters, adm.prompts, topk_prompt)
     return Prefilled(caches, keys, token, logprob, done, *scores)
 
 
@@ -246,7 +258,7 @@ def insert(state: DecodeState, adm: Admission, pre: Prefilled) -> DecodeState:
 
 
 def _decode_rows(model: nnx.Module, state: DecodeState, steps: int) -> tuple[DecodeState, jax.Array, jax.Array]:
-    adapters = AdapterBatch(state.slots, state.scales, per_row=True)  # one token per row: gather each row's LoRA
+    adapters = AdapterBatch(state.slots, state.scales, form="per_row")  # one token per row: gather each row's LoRA
     rows = state.token.shape[0]
 
     def cond(carry):

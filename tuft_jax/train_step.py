@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tuft_jax.layers import AdapterBatch
+from tuft_jax.chunking import CHUNK_TOKENS, map_chunks
+from tuft_jax.layers import AdapterBatch, LoraForm
 from tuft_jax.losses import token_loss
 
 
@@ -39,25 +40,44 @@ jax.tree_util.register_dataclass(
 )
 
 
-def target_logprobs(graphdef: nnx.GraphDef, base: nnx.State, lora: nnx.State, batch: BatchArrays) -> jax.Array:
-    """log p(target) for every [B, T, K] target, in fp32."""
+def target_logprobs(
+    graphdef: nnx.GraphDef,
+    base: nnx.State,
+    lora: nnx.State,
+    batch: BatchArrays,
+    chunk_tokens: int = CHUNK_TOKENS,
+    lora_form: LoraForm = "grouped",
+) -> jax.Array:
+    """log p(target) for every [B, T, K] target, in fp32, from logits computed chunk by chunk
+    (`map_chunks`): the losses read only these, so the [B, T, V] logits are never held whole."""
     model = nnx.merge(graphdef, base, lora)
-    adapters = AdapterBatch(batch.slots, batch.scales)
+    adapters = AdapterBatch(batch.slots, batch.scales, lora_form)
     hidden, _ = model(batch.tokens, batch.positions, adapters)
-    logits = model.logits(hidden, adapters)
-    log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    return jnp.take_along_axis(logits, batch.targets, axis=-1) - log_z
+
+    def chunk_logprobs(h: jax.Array, targets: jax.Array) -> jax.Array:
+        logits = model.logits(h, adapters)
+        log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+        return jnp.take_along_axis(logits, targets, axis=-1) - log_z
+
+    return map_chunks(chunk_logprobs, (hidden, batch.targets), chunk_tokens)
 
 
 def _loss(
-    lora: nnx.State, graphdef: nnx.GraphDef, base: nnx.State, batch: BatchArrays, config: Mapping[str, jax.Array], loss_fn: str
+    lora: nnx.State,
+    graphdef: nnx.GraphDef,
+    base: nnx.State,
+    batch: BatchArrays,
+    config: Mapping[str, jax.Array],
+    loss_fn: str,
+    chunk_tokens: int = CHUNK_TOKENS,
+    lora_form: LoraForm = "grouped",
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    lp = target_logprobs(graphdef, base, lora, batch)
+    lp = target_logprobs(graphdef, base, lora, batch, chunk_tokens, lora_form)
     per_row = token_loss(loss_fn, lp, batch.inputs, batch.mask, config).sum(axis=(1, 2))
     return per_row.sum(), (lp, per_row)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "loss_fn"))
+@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "chunk_tokens", "lora_form"))
 def forward_backward(
     graphdef: nnx.GraphDef,
     base: nnx.State,
@@ -65,9 +85,15 @@ def forward_backward(
     batch: BatchArrays,
     config: Mapping[str, jax.Array],
     loss_fn: str,
+    chunk_tokens: int = CHUNK_TOKENS,
+    lora_form: LoraForm = "grouped",
 ) -> tuple[nnx.State, jax.Array, jax.Array]:
-    """Returns (this batch's grads, target logprobs [B, T, K], loss per row [B])."""
-    (_, (lp, per_row)), step_grads = jax.value_and_grad(_loss, has_aux=True)(lora, graphdef, base, batch, config, loss_fn)
+    """Returns (this batch's grads, target logprobs [B, T, K], loss per row [B]); `chunk_tokens`
+    bounds the logits held at once (see `map_chunks`), `lora_form` picks how the LoRA deltas
+    are computed (see `LoraForm`)."""
+    (_, (lp, per_row)), step_grads = jax.value_and_grad(_loss, has_aux=True)(
+        lora, graphdef, base, batch, config, loss_fn, chunk_tokens, lora_form
+    )
     return step_grads, lp, per_row
 
 
@@ -76,10 +102,16 @@ def accumulate(grads: nnx.State, step_grads: nnx.State) -> nnx.State:
     return jax.tree.map(jnp.add, grads, step_grads)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "loss_fn"))
+@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "lora_form"))
 def forward(
-    graphdef: nnx.GraphDef, base: nnx.State, lora: nnx.State, batch: BatchArrays, config: Mapping[str, jax.Array], loss_fn: str
+    graphdef: nnx.GraphDef,
+    base: nnx.State,
+    lora: nnx.State,
+    batch: BatchArrays,
+    config: Mapping[str, jax.Array],
+    loss_fn: str,
+    lora_form: LoraForm = "grouped",
 ) -> tuple[jax.Array, jax.Array]:
     """Same outputs as forward_backward, no gradient."""
-    _, (lp, per_row) = _loss(lora, graphdef, base, batch, config, loss_fn)
+    _, (lp, per_row) = _loss(lora, graphdef, base, batch, config, loss_fn, lora_form=lora_form)
     return lp, per_row

@@ -6,18 +6,51 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tuft_jax.builtin_model import build_tiny_hf_checkpoint, ensure_builtin_model
+from tuft_jax.builtin_model import (
+    QWEN3_ROPE_PARAMETERS, CheckpointFamily, build_tiny_hf_checkpoint, ensure_builtin_model,
+)
+
+_QWEN3 = dict(model_type="qwen3", rms_norm_eps=1e-6, rope_parameters=QWEN3_ROPE_PARAMETERS, max_position_embeddings=40960)
 
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen3-0.6b": dict(
-        hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        _QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
     ),
     "qwen3-1.7b": dict(
-        hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+        _QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
     ),
+    "qwen3-8b": dict(
+        _QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+    ),
+    "llama3.1-8b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        max_position_embeddings=131072,
+        rope_parameters=dict(
+            rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),
 }
+"""Real models' `config.json` fields (sizes, norms, RoPE); `config_from_hf` reads them as they are."""
+
+_FAMILY: dict[str, CheckpointFamily] = {"qwen3": "qwen3", "llama": "llama3"}
+
+
+def explicit_shape(
+    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int
+) -> str:
+    """Registers an untied Qwen3 of the given dimensions in SHAPES; returns its name."""
+    name = f"qwen3-d{hidden}-f{intermediate}-l{layers}-h{heads}-kv{kv_heads}-hd{head_dim}-v{vocab}"
+    SHAPES[name] = dict(
+        _QWEN3, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    return name
 
 
 def model_dir(shape: str, cache_dir: Path) -> Path:
@@ -28,8 +61,8 @@ def model_dir(shape: str, cache_dir: Path) -> Path:
     if not (target / "model.safetensors").exists():
         overrides = dict(SHAPES[shape])
         build_tiny_hf_checkpoint(
-            target, "qwen3", seed=0, vocab_size=overrides.pop("vocab_size"),
-            tie_word_embeddings=overrides.pop("tie_word_embeddings"), max_position_embeddings=4096, **overrides,
+            target, _FAMILY[overrides.pop("model_type")], seed=0, vocab_size=overrides.pop("vocab_size"),
+            tie_word_embeddings=overrides.pop("tie_word_embeddings"), **overrides,
         )
     return target
 

@@ -2,15 +2,20 @@
 
 Both train the same random-weight model (same rank, targets, batch, sequence length, AdamW)
 in the same process; the result is a ratio, plus MFU against this machine's measured matmul
-peak. Usage:
+peak. The two alternate (A B A B ...) over `--rounds` rounds of `--steps` steps each, and each
+reports its median round, so a change in machine load affects both alike. Usage:
     python scripts/bench/training.py --shape tiny --batch 8 --seq 128 --steps 10
     python scripts/bench/training.py --shape qwen3-0.6b --dtype bfloat16 --batch 8 --seq 512
+    python scripts/bench/training.py --hidden 512 --intermediate 1536 --layers 8 --heads 8 \
+        --kv-heads 4 --head-dim 64 --vocab 8192 --batch 8 --seq 256 --rank 16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model_shapes import matmul_params, model_dir
+from model_shapes import SHAPES, explicit_shape, matmul_params, model_dir
 from tuft_jax.engine import Engine
 from tuft_jax.model_registry import BaseModelSpec
 from tuft_jax.types import AdamParams, Datum, LoraConfig
@@ -36,14 +41,20 @@ def measured_peak_flops(dtype: jnp.dtype, size: int = 4096, repeats: int = 10) -
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def seconds_per_step(step: Callable[[], None], steps: int) -> float:
-    """Mean time of `steps` calls after two warm-up calls (compilation, allocator warm-up)."""
-    step()
-    step()
-    start = time.perf_counter()
-    for _ in range(steps):
+def seconds_per_step(steps_by_name: dict[str, Callable[[], None]], steps: int, rounds: int) -> dict[str, float]:
+    """Median over `rounds` of the mean time of `steps` calls, the runs alternating round by
+    round, after two warm-up calls each (compilation, allocator warm-up)."""
+    for step in steps_by_name.values():
         step()
-    return (time.perf_counter() - start) / steps
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps_by_name}
+    for _ in range(rounds):
+        for name, step in steps_by_name.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def train_flops_per_token(directory: Path, seq: int) -> float:
@@ -57,7 +68,7 @@ def batch_tokens(batch: int, seq: int, vocab: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, min(vocab, 400), size=(batch, seq + 1))
 
 
-def bench_ours(directory: Path, tokens: np.ndarray, steps: int, rank: int, dtype: str) -> float:
+def ours(directory: Path, tokens: np.ndarray, rank: int, dtype: str) -> Callable[[], None]:
     spec = BaseModelSpec("bench", directory, tokens.shape[1] + 8, rank, 2, dtype=dtype, family="qwen3")
     engine = Engine(spec)
     slot = engine.create_adapter(LoraConfig(rank=rank, seed=0))
@@ -68,10 +79,10 @@ def bench_ours(directory: Path, tokens: np.ndarray, steps: int, rank: int, dtype
         engine.forward_backward([(slot, data)], "cross_entropy", {}, False)
         engine.optim_step(slot, params)
 
-    return seconds_per_step(step, steps)
+    return step
 
 
-def bench_torch(directory: Path, tokens: np.ndarray, steps: int, rank: int, dtype: str) -> float:
+def torch_peft(directory: Path, tokens: np.ndarray, rank: int, dtype: str) -> Callable[[], None]:
     import peft
     import torch
     from transformers import AutoModelForCausalLM
@@ -97,27 +108,37 @@ def bench_torch(directory: Path, tokens: np.ndarray, steps: int, rank: int, dtyp
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return seconds_per_step(step, steps)
+    return step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-0.6b", "qwen3-1.7b"])
+    parser.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES])
+    dims = ("hidden", "intermediate", "layers", "heads", "kv-heads", "head-dim", "vocab")
+    for dim in dims:
+        parser.add_argument(f"--{dim}", type=int, help="an explicit shape (all seven together; overrides --shape)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/tuft/bench").expanduser())
     args = parser.parse_args()
+    explicit = [getattr(args, dim.replace("-", "_")) for dim in dims]
+    if any(v is not None for v in explicit):
+        if None in explicit:
+            parser.error("an explicit shape needs all of --" + ", --".join(dims))
+        args.shape = explicit_shape(*explicit)
 
     directory = model_dir(args.shape, args.cache_dir)
     vocab = json.loads((directory / "config.json").read_text())["vocab_size"]
     tokens = batch_tokens(args.batch, args.seq, vocab)
-    per_step = {
-        "tuft_jax": bench_ours(directory, tokens, args.steps, args.rank, args.dtype),
-        "transformers_peft": bench_torch(directory, tokens, args.steps, args.rank, args.dtype),
+    steps = {
+        "tuft_jax": ours(directory, tokens, args.rank, args.dtype),
+        "transformers_peft": torch_peft(directory, tokens, args.rank, args.dtype),
     }
+    per_step = seconds_per_step(steps, args.steps, args.rounds)
     n_tokens = args.batch * args.seq
     peak = measured_peak_flops(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     flops = train_flops_per_token(directory, args.seq) * n_tokens
@@ -132,6 +153,7 @@ def main() -> None:
         "mfu": {k: flops / v / peak for k, v in per_step.items()},
         "measured_peak_tflops": peak / 1e12,
         "speedup_vs_transformers_peft": per_step["transformers_peft"] / per_step["tuft_jax"],
+        "loadavg": os.getloadavg(),
     }
     print(json.dumps(result, indent=1))
 

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from engine_testing import count_compiles, next_token_datum, peft_model, random_lora, set_slot, torch_logprobs
+from flax import nnx
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from tuft_jax.engine import Engine
+from tuft_jax.layers import AdapterBatch
+from tuft_jax.sampler import _prompt_scores
 from tuft_jax.types import LoraConfig, SamplingParams
 
 RANK = 4
@@ -162,3 +167,28 @@ def test_sampling_a_new_adapter_compiles_nothing(setup: Setup) -> None:
     assert compiled == [], compiled
     assert len(seq.tokens) == 9
     setup.engine.release_adapter(slot)
+
+
+@pytest.mark.parametrize("topk", [3, 0])
+def test_chunked_prompt_scores_equal_unchunked(setup: Setup, topk: int) -> None:
+    """Prompt scores over 2 prompts of width 24, in chunks of 5 positions (the 23 scored positions
+    padded to 25), equal log_softmax over the whole [U, W, V] logits."""
+    engine = setup.engine
+    model = nnx.merge(engine.graphdef, engine.base, engine.lora)
+    slots = np.array([setup.slot, 0], np.int32)
+    adapters = AdapterBatch(jnp.asarray(slots), jnp.asarray(engine.slots.scales[slots]))
+    rng = np.random.default_rng(5)
+    hidden = jnp.asarray(rng.standard_normal((2, 24, engine.config.hidden_size)), jnp.float32)
+    prompts = jnp.asarray(rng.integers(0, engine.vocab_size, (2, 24)), jnp.int32)
+
+    scores, top_ids, top_lp = _prompt_scores(model, hidden, adapters, prompts, topk, chunk_tokens=2 * 5)
+    log_probs = jax.nn.log_softmax(model.logits(hidden, adapters)[:, :-1], axis=-1)
+    chosen = jnp.take_along_axis(log_probs, prompts[:, 1:, None], axis=-1)[..., 0]
+    assert np.all(np.isnan(scores[:, 0]))
+    np.testing.assert_allclose(scores[:, 1:], chosen, rtol=0, atol=1e-5)
+    if topk == 0:
+        assert top_ids is None and top_lp is None
+        return
+    ref_lp, ref_ids = jax.lax.top_k(log_probs, topk)
+    np.testing.assert_array_equal(top_ids, ref_ids)
+    np.testing.assert_allclose(top_lp, ref_lp, rtol=0, atol=1e-5)

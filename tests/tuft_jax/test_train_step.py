@@ -2,16 +2,23 @@
 
 The reference is PEFT on the transformers model with the same A/B values as one of our slots
 (every attention and MLP projection plus lm_head, alpha 32), the loss the weighted
-cross-entropy sum over unpadded sequences, and gradients taken by torch autograd.
+cross-entropy sum over unpadded sequences, and gradients taken by torch autograd. The logits are
+computed in chunks of positions; tests with small chunks hold them to the unchunked formula.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from engine_testing import (
+    MAX_ADAPTERS,
+    MAX_RANK,
     assert_close_rel,
     count_compiles,
     next_token_datum,
@@ -23,9 +30,16 @@ from engine_testing import (
     slot_arrays,
     torch_logprobs,
 )
+from flax import nnx
 
 from tuft_jax.adapters import leaf_group
-from tuft_jax.types import AdamParams, LoraConfig
+from tuft_jax.batching import build_train_batch
+from tuft_jax.layers import AdapterBatch
+from tuft_jax.losses import token_loss
+from tuft_jax.models.decoder import CausalLM, DecoderConfig, LoraShape
+from tuft_jax.models.hf_config import load_decoder_config
+from tuft_jax.train_step import BatchArrays, forward_backward
+from tuft_jax.types import AdamParams, Datum, LoraConfig
 
 RANK = 4
 
@@ -159,3 +173,98 @@ def test_new_adapter_and_same_bucket_length_do_not_recompile(engine) -> None:
     with count_compiles() as compiled:  # the counter does see compiles
         jax.jit(lambda x: x * 3 + 1)(np.zeros(3, np.float32))
     assert "jaxpr_trace_duration: <lambda>" in compiled  # (the XLA compile may come from a persistent cache)
+
+
+def _unchunked_loss(
+    lora: nnx.State, graphdef: nnx.GraphDef, base: nnx.State, batch: BatchArrays, config: Mapping, loss_fn: str
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """The reference: all [B, T, V] logits at once, then logsumexp and the target gather."""
+    model = nnx.merge(graphdef, base, lora)
+    adapters = AdapterBatch(batch.slots, batch.scales)
+    hidden, _ = model(batch.tokens, batch.positions, adapters)
+    logits = model.logits(hidden, adapters)
+    lp = jnp.take_along_axis(logits, batch.targets, axis=-1) - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    per_row = token_loss(loss_fn, lp, batch.inputs, batch.mask, config).sum(axis=(1, 2))
+    return per_row.sum(), (lp, per_row)
+
+
+def _mixed_batch(engine, loss_fn: str, seed: int) -> BatchArrays:
+    """4 rows of 3 adapters (ranks 2, 4, 8), lengths 9..48 (T = 48); cross-entropy gets (N, 2) targets."""
+    slots = [engine.create_adapter(LoraConfig(rank=r, seed=r)) for r in (2, 4, 8)]
+    for i, (slot, rank) in enumerate(zip(slots, (2, 4, 8), strict=True)):
+        set_slot(engine, slot, random_lora(engine, rank, seed=seed + i))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for slot, n in zip([slots[0], slots[1], slots[0], slots[2]], (48, 31, 40, 9), strict=True):
+        shape = (n, 2) if loss_fn == "cross_entropy" else (n,)
+        weights = rng.uniform(0.0, 2.0, shape).astype(np.float32)
+        inputs = {"target_tokens": rng.integers(0, 460, shape), "weights": weights}
+        if loss_fn == "ppo":  # the learner's logprobs average about -7: ratios fall on both sides of the clip
+            inputs["logprobs"] = (-7.0 + rng.normal(scale=0.5, size=shape)).astype(np.float32)
+            inputs["advantages"] = rng.normal(size=shape).astype(np.float32)
+        rows.append((slot, Datum(rng.integers(0, 460, n).astype(np.int32), inputs)))
+    tb = build_train_batch(rows, {key: 1.0 for key in rows[0][1].loss_inputs if key != "target_tokens"})
+    return BatchArrays(tb.tokens, tb.positions, tb.slots, engine.slots.scales[tb.slots], tb.targets, tb.mask, tb.inputs)
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "positions"),
+    [("cross_entropy", 64), ("cross_entropy", 48), ("cross_entropy", 16), ("cross_entropy", 10), ("ppo", 16)],
+    ids=["ce-T<C", "ce-T=C", "ce-T=3C", "ce-T=4.8C", "ppo-T=3C"],
+)
+def test_chunked_logprobs_loss_and_grads_equal_unchunked(engine, loss_fn: str, positions: int) -> None:
+    """Chunks of C = `positions` positions (B = 4 rows, T = 48; C = 10 splits T into 5 chunks of
+    10, padded by 2) give the unchunked logprobs, per-row losses and per-slot LoRA gradients."""
+    batch = _mixed_batch(engine, loss_fn, seed=40)
+    clip = {"clip_low_threshold": jnp.float32(0.8), "clip_high_threshold": jnp.float32(1.2)}
+    config = clip if loss_fn == "ppo" else {}
+    grads, lp, per_row = forward_backward(
+        engine.graphdef, engine.base, engine.lora, batch, config, loss_fn, chunk_tokens=4 * positions
+    )
+    reference = jax.jit(jax.value_and_grad(_unchunked_loss, has_aux=True), static_argnums=(1, 5))
+    (_, (ref_lp, ref_per_row)), ref_grads = reference(engine.lora, engine.graphdef, engine.base, batch, config, loss_fn)
+
+    np.testing.assert_allclose(lp, ref_lp, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(per_row, ref_per_row, rtol=1e-5, atol=1e-5)
+    used = set(batch.slots.tolist())
+    for slot in range(engine.slots.num_slots):
+        ref = slot_arrays(ref_grads, slot)
+        for key, grad in slot_arrays(grads, slot).items():
+            if slot in used:
+                assert_close_rel(grad, ref[key], 1e-5, f"slot {slot} {key}")
+            else:  # the padding row's slot 0 and the free slot
+                assert not np.any(grad) and not np.any(ref[key]), f"slot {slot} {key}"
+
+
+def _step_temp_bytes(config: DecoderConfig, rows: int, length: int, chunk_tokens: int) -> int:
+    """Temp bytes of forward_backward compiled ahead of time from abstract shapes (nothing allocated)."""
+    model = nnx.eval_shape(lambda: CausalLM(config, LoraShape(MAX_ADAPTERS + 1, MAX_RANK)))
+    graphdef, lora, base = nnx.split(model, nnx.LoRAParam, nnx.Param)
+
+    def spec(shape: tuple[int, ...], dtype: jnp.dtype) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    tokens, targets = spec((rows, length), jnp.int32), spec((rows, length, 1), jnp.int32)
+    scales, mask = spec((rows, 3), jnp.float32), spec((rows, length, 1), jnp.bool_)
+    batch = BatchArrays(tokens, tokens, spec((rows,), jnp.int32), scales, targets, mask, {})
+    compiled = forward_backward.lower(graphdef, base, lora, batch, {}, "cross_entropy", chunk_tokens).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_train_step_never_holds_the_full_logits(tiny_checkpoint) -> None:
+    """The tiny model with V = 32768 at B = 1, T = 2048: with 64-token chunks the temporaries that
+    grow with the vocabulary (temp bytes less those of the same program at V = 128) stay well under
+    one fp32 [B, T, V] logits array; as one chunk (unchunked) they exceed it many times over.
+
+    They are about 12 chunks' logits on XLA:CPU, which expands the unembed LoRA's `ragged_dot`
+    into one dense product per slot, hence chunks this small here."""
+    rows, length, vocab = 1, 2048, 32768
+    config = load_decoder_config(tiny_checkpoint())
+    logits_bytes = rows * length * vocab * 4
+
+    def vocab_temp_bytes(chunk_tokens: int) -> int:
+        big, small = (_step_temp_bytes(replace(config, vocab_size=v), rows, length, chunk_tokens) for v in (vocab, 128))
+        return big - small
+
+    assert vocab_temp_bytes(64) < logits_bytes / 2
+    assert vocab_temp_bytes(rows * length) > 2 * logits_bytes

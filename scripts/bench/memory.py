@@ -1,0 +1,281 @@
+"""Device memory of the real training / prefill / decode step, from an ahead-of-time compile.
+
+The jitted functions the engine runs (`train_step.forward_backward`, `sampler.prefill`,
+`sampler.decode`) are lowered with abstract `ShapeDtypeStruct` inputs and compiled, and XLA's
+buffer assignment (`compiled.memory_analysis()`) is reported. Nothing is allocated, so a 32k-token
+Qwen3-8B step can be sized on a small CPU machine. On XLA:CPU the numbers are the CPU program's:
+bf16 matmuls run in f32 and `ragged_dot` is expanded group by group, so temporaries differ from a
+GPU/TPU compile. Usage:
+    python scripts/bench/memory.py --model qwen3-8b --batch 1 --seq 2048 --layers 4 --json
+    python scripts/bench/memory.py --all --timeout 900 --out out/bench/memory.md
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse
+import functools
+import inspect
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model_shapes import SHAPES, model_dir
+from tuft_jax import sampler, train_step
+from tuft_jax.models.decoder import CausalLM, DecoderConfig, LoraShape
+from tuft_jax.models.hf_config import config_from_hf
+from tuft_jax.optimizer import init_optimizer_state
+
+DECODE_CHUNK = 16
+LOGITS_CHUNK = 1024
+GB = 1e9
+
+ALL_CONFIGS: list[list[str]] = [
+    ["--model", "qwen3-0.6b", "--seq", "2048"],
+    ["--model", "qwen3-0.6b", "--seq", "8192"],
+    ["--model", "qwen3-8b", "--seq", "2048", "--layers", "2"],
+    ["--model", "qwen3-8b", "--seq", "2048", "--layers", "4"],
+    ["--model", "qwen3-8b", "--seq", "2048", "--layers", "8"],
+    ["--model", "llama3.1-8b", "--seq", "2048", "--layers", "4"],
+    ["--model", "qwen3-8b", "--seq", "2048"],
+    ["--model", "qwen3-8b", "--seq", "32768", "--layers", "1"],
+]
+"""What `--all` measures (batch 1, train)."""
+
+
+def sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def nbytes(tree: Any) -> int:
+    return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
+
+
+def decoder_config(model: str, layers: int | None, cache_dir: Path) -> DecoderConfig:
+    """A real model's config, or the built-in tiny model's (built under `cache_dir` once)."""
+    if model == "tiny":
+        hf = json.loads((model_dir(model, cache_dir) / "config.json").read_text())
+    else:
+        hf = dict(SHAPES[model])
+    if layers is not None:
+        hf["num_hidden_layers"] = layers
+    return config_from_hf(hf)
+
+
+def train_batch(b: int, t: int) -> train_step.BatchArrays:
+    """The shapes and dtypes `Engine._forward_backward_group` builds for a cross-entropy batch."""
+    return train_step.BatchArrays(
+        tokens=sds((b, t), jnp.int32),
+        positions=sds((b, t), jnp.int32),
+        slots=sds((b,), jnp.int32),
+        scales=sds((b, 3), jnp.float32),
+        targets=sds((b, t, 1), jnp.int32),
+        mask=sds((b, t, 1), jnp.bool_),
+        inputs={"weights": sds((b, t, 1), jnp.float32)},
+    )
+
+
+def admission(u: int, width: int) -> sampler.Admission:
+    """U prompts of `width` tokens entering U decode rows (as `DecodeScheduler._admission` builds)."""
+    i32, f32 = jnp.int32, jnp.float32
+    return sampler.Admission(
+        prompts=sds((u, width), i32), prompt_len=sds((u,), i32), prompt_slots=sds((u,), i32),
+        prompt_scales=sds((u, 3), f32), source=sds((u,), i32), rows=sds((u,), i32), temperature=sds((u,), f32),
+        top_k=sds((u,), i32), top_p=sds((u,), f32), seeds=sds((u, 2), jnp.uint32), sample_index=sds((u,), i32),
+        max_tokens=sds((u,), i32), stop_ids=sds((u, sampler.MAX_STOP_IDS), i32),
+    )
+
+
+def form_options(adapters: int) -> dict[str, str]:
+    """The LoRA form the engine picks for a batch of `adapters` runs (none before the engine had forms)."""
+    if "lora_form" not in inspect.signature(train_step.forward_backward).parameters:
+        return {}
+    from tuft_jax.engine import lora_form
+
+    return {"lora_form": lora_form(range(1, adapters + 1))}
+
+
+def lower(
+    mode: str,
+    graphdef: nnx.GraphDef,
+    base: nnx.State,
+    lora: nnx.State,
+    cfg: DecoderConfig,
+    b: int,
+    t: int,
+    dtype: Any,
+    adapters: int,
+) -> jax.stages.Lowered:
+    """Lowers the engine's own jitted function, called the way the engine calls it."""
+    if mode == "train":
+        return train_step.forward_backward.lower(
+            graphdef=graphdef, base=base, lora=lora, batch=train_batch(b, t), config={}, loss_fn="cross_entropy",
+            **form_options(adapters),
+        )
+    if mode == "prefill":
+        return sampler.prefill.lower(graphdef, base, lora, admission(b, t), score_prompt=False, topk_prompt=0)
+    init = functools.partial(sampler.init_state, cfg.num_layers, b, t, cfg.num_kv_heads, cfg.head_dim, dtype)
+    finish = sds((b,), jnp.bool_)
+    return sampler.decode.lower(graphdef, base, lora, jax.eval_shape(init), finish, steps=DECODE_CHUNK, live_rows=b)
+
+
+def lower_bound(
+    mode: str, cfg: DecoderConfig, base_bytes: int, lora_bytes: int, b: int, t: int, itemsize: int
+) -> dict[str, int]:
+    """What any implementation must hold, assuming flash attention (no T x T scores), one saved
+    residual per layer with the layer recomputed in the backward pass, and logits in chunks.
+
+    One layer's activations, per token: its input, two norm outputs and the mid residual (4·D),
+    q, k, v and the attention output (2·(heads + kv_heads)·head_dim), gate and up (2·F).
+    """
+    d, layers = cfg.hidden_size, cfg.num_layers
+    per_token = 4 * d + 2 * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim + 2 * cfg.intermediate_size
+    tokens = b * t if mode != "decode" else b
+    parts = {"base_weights": base_bytes, "lora_weights": lora_bytes, "layer_activations": tokens * per_token * itemsize}
+    if mode == "train":
+        parts["lora_grads_and_adamw"] = 3 * lora_bytes
+        parts["residual_stream"] = b * t * d * layers * itemsize
+        parts["logits_chunk"] = min(b * t, max(LOGITS_CHUNK, b)) * cfg.vocab_size * 4
+    else:
+        parts["kv_cache"] = 2 * b * t * layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+        parts["logits"] = b * cfg.vocab_size * 4
+    return parts
+
+
+def measure(
+    model: str,
+    mode: str,
+    b: int,
+    t: int,
+    layers: int | None,
+    rank: int,
+    slots: int,
+    dtype_name: str,
+    cache_dir: Path,
+    adapters: int = 1,
+) -> dict[str, Any]:
+    dtype = jnp.dtype(dtype_name)
+    cfg = decoder_config(model, layers, cache_dir)
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, LoraShape(slots, rank), dtype=dtype))
+    graphdef, lora, base = nnx.split(abstract, nnx.LoRAParam, nnx.Param)
+    start = time.perf_counter()
+    lowered = lower(mode, graphdef, base, lora, cfg, b, t, dtype, adapters)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    parts = lower_bound(mode, cfg, nbytes(base), nbytes(lora), b, t, dtype.itemsize)
+    argument, output, temp, alias = (
+        mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes
+    )
+    # XLA:CPU (jax 0.10.2) reports arguments + outputs as the peak, without the temporaries; a
+    # reported peak is used only when it covers the arguments and temporaries, live together.
+    reported = getattr(mem, "peak_memory_in_bytes", 0)
+    if reported >= argument + temp - alias and reported > 0:
+        peak, source = reported, "xla"
+    else:
+        peak, source = argument + output + temp - alias, "argument+output+temp-alias"
+    # Training state the step does not take: AdamW moments and the gradient accumulator.
+    outside = 0
+    if mode == "train":
+        outside = nbytes(jax.eval_shape(init_optimizer_state, lora)) + nbytes(lora)
+    return dict(
+        model=model, mode=mode, batch=b, seq=t, layers=cfg.num_layers, rank=rank, slots=slots, dtype=dtype_name,
+        adapters=adapters, **form_options(adapters),
+        peak_bytes=peak, peak_source=source, xla_peak_bytes=reported, temp_bytes=temp, argument_bytes=argument,
+        output_bytes=output, alias_bytes=alias, state_outside_step_bytes=outside,
+        lower_bound_bytes=sum(parts.values()), lower_bound_parts=parts, lower_s=round(lower_s, 2),
+        compile_s=round(compile_s, 2), backend=jax.default_backend(), jax_version=jax.__version__,
+    )
+
+
+COLUMNS = "| model | mode | B×T | layers | peak GB | temp GB | lower bound GB | lower s | compile s | load avg |"
+
+
+def table_row(args: list[str], result: dict[str, Any] | None, note: str, load: str) -> str:
+    if result is None:
+        cells = [f"`{' '.join(args)}`", note, *[""] * (COLUMNS.count("|") - 4), load]
+    else:
+        r = result
+        cells = [
+            r["model"], r["mode"], f"{r['batch']}×{r['seq']}", r["layers"],
+            *(f"{r[key] / GB:.2f}" for key in ("peak_bytes", "temp_bytes", "lower_bound_bytes")),
+            f"{r['lower_s']:.1f}", f"{r['compile_s']:.1f}", load,
+        ]
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def run_all(timeout: float, out: Path) -> None:
+    """Each configuration in its own process (a compile can take minutes and much host memory);
+    writes the table to `out` and every JSON result next to it (`.jsonl`)."""
+    header = f"jax {jax.__version__}, {os.cpu_count()} CPUs; load avg: the 1-minute load as each configuration started"
+    lines = [header, "", COLUMNS, "|---" * (COLUMNS.count("|") - 1) + "|"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.with_suffix(".jsonl").open("w") as results:
+        for args in ALL_CONFIGS:
+            load = Path("/proc/loadavg").read_text().split()[0]
+            try:
+                command = [sys.executable, __file__, *args, "--json"]
+                done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+                result = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+                note = "" if result else f"failed (rc {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"
+            except subprocess.TimeoutExpired:
+                result, note = None, f"timeout after {timeout:.0f} s"
+            if result:
+                results.write(json.dumps(result) + "\n")
+                results.flush()
+            lines.append(table_row(args, result, note, load))
+            print(lines[-1], flush=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny", *sorted(SHAPES)], default="qwen3-0.6b")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=2048, help="tokens per row (the cache length in decode)")
+    parser.add_argument("--layers", type=int, default=None, help="override the model's depth")
+    parser.add_argument("--mode", choices=["train", "prefill", "decode"], default="train")
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--slots", type=int, default=9, help="LoRA slots (max_adapters + 1)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--adapters", type=int, default=1, help="distinct runs in the training batch (picks the LoRA form)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--all", action="store_true", help="run ALL_CONFIGS in subprocesses, write a markdown table")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration with --all")
+    parser.add_argument("--out", type=Path, default=Path("out/bench/memory.md"))
+    parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/tuft/bench").expanduser(), help="for tiny")
+    args = parser.parse_args()
+    if args.all:
+        run_all(args.timeout, args.out)
+        return
+    r = measure(
+        args.model, args.mode, args.batch, args.seq, args.layers, args.rank, args.slots, args.dtype, args.cache_dir,
+        args.adapters,
+    )
+    if args.json:
+        print(json.dumps(r))
+    else:
+        fields = ("peak_bytes", "temp_bytes", "argument_bytes", "output_bytes", "lower_bound_bytes")
+        gb = {key: f"{r[key] / GB:.3g}" for key in fields}
+        print(
+            f"{r['model']} {r['mode']} {r['batch']}x{r['seq']} layers={r['layers']}: peak {gb['peak_bytes']} GB "
+            f"(temp {gb['temp_bytes']}, arguments {gb['argument_bytes']}, outputs {gb['output_bytes']}), "
+            f"lower bound {gb['lower_bound_bytes']} GB; lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()
