@@ -326,7 +326,10 @@ def attention(
     q_segments: jax.Array | None = None,
     k_segments: jax.Array | None = None,
 ) -> jax.Array:
-    """Grouped-query attention with the position (and segment) mask; the kernel is picked at trace
+    """Grouped-query causal attention: a query sees the keys whose position is <= its own (and,
+    with segment ids [B, T] / [B, S], only keys of its own segment). q is [B, T, H, D]; k, v are
+    [B, S, K, D] with H a multiple of K. Padding after a sequence is never attended by its real
+    tokens, and a KV cache is written in position order. The kernel is picked at trace
     time: dense for short queries or small score matrices, Splash on a single TPU (a mesh would need it under
     `shard_map`), blockwise everywhere else. GPU stays on the blockwise kernel: cuDNN's masks
     (index causal, per-row lengths) express neither segment ids nor arbitrary positions, and

@@ -1,4 +1,5 @@
-"""Building blocks shared by the model families: norms, RoPE, attention and multi-slot LoRA.
+"""Building blocks shared by the model families: norms, RoPE, the KV cache and multi-slot LoRA
+(attention kernels are in `tuft_jax.attention`).
 
 LoRA weights carry a leading slot axis so one compiled graph serves any mix of adapters: each
 example names its slot, and the per-example scale (alpha / rank, or 0 for an untrained target)
@@ -13,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tuft_jax.attention import attention
 
 LORA_GROUPS = ("attn", "mlp", "unembed")
 
@@ -113,25 +113,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     x32 = x.astype(jnp.float32)
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
     return (x32 * cos + rotated * sin).astype(x.dtype)
-
-
-def attend(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    q_positions: jax.Array,
-    k_positions: jax.Array,
-    q_segments: jax.Array | None = None,
-    k_segments: jax.Array | None = None,
-) -> jax.Array:
-    """Grouped-query causal attention: a query sees the keys whose position is <= its own.
-
-    q is [B, T, H, D]; k, v are [B, S, K, D] with H a multiple of K. Padding after a sequence
-    is never attended by its real tokens, and a KV cache is written in position order. With
-    segment ids ([B, T], [B, S]) a query also sees only keys of its own segment. Long queries
-    (training, prefill) never materialise the [T, S] scores (`tuft_jax.attention`).
-    """
-    return attention(q, k, v, q_positions, k_positions, q_segments, k_segments)
 
 
 def write_cache(cache: KVCache, k: jax.Array, v: jax.Array, start: jax.Array) -> KVCache:

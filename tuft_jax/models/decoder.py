@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tuft_jax.layers import AdapterBatch, KVCache, LoraDelta, LoraLinear, RMSNorm, apply_rope, attend, write_cache
+from tuft_jax.attention import attention
+from tuft_jax.layers import AdapterBatch, KVCache, LoraDelta, LoraLinear, RMSNorm, apply_rope, write_cache
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,11 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if cache is None:
-            out = attend(q, k, v, positions, positions)
+            out = attention(q, k, v, positions, positions)
         else:
             cache = write_cache(cache, k, v, positions[:, 0])
             key_positions = jnp.broadcast_to(jnp.arange(cache.k.shape[1]), (b, cache.k.shape[1]))
-            out = attend(q, cache.k, cache.v, positions, key_positions)
+            out = attention(q, cache.k, cache.v, positions, key_positions)
         return self.o_proj(out.reshape(b, t, -1), adapters), cache
 
 
