@@ -8,6 +8,10 @@ reports its median round, so a change in machine load affects both alike. Usage:
     python scripts/bench/training.py --shape qwen3-0.6b --dtype bfloat16 --batch 8 --seq 512
     python scripts/bench/training.py --hidden 512 --intermediate 1536 --layers 8 --heads 8 \
         --kv-heads 4 --head-dim 64 --vocab 8192 --batch 8 --seq 256 --rank 16
+
+`--server URL --server-model NAME` adds a third run: the same step through the Tinker SDK
+against a server on this machine that serves this script's checkpoint (the path is printed as
+`checkpoint`) under NAME, so the service's overhead is the ratio `server_over_in_process`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from load import require_loopback
 from model_shapes import SHAPES, explicit_shape, matmul_params, model_dir
 from tuft_jax.engine import Engine
 from tuft_jax.model_registry import BaseModelSpec
@@ -82,6 +87,26 @@ def ours(directory: Path, tokens: np.ndarray, rank: int, dtype: str) -> Callable
     return step
 
 
+def through_sdk(url: str, model: str, tokens: np.ndarray, rank: int) -> Callable[[], None]:
+    import tinker
+    from tinker import types
+
+    service = tinker.ServiceClient(base_url=url, api_key="tml-bench-training")
+    training = service.create_lora_training_client(base_model=model, rank=rank, seed=0).result()
+    data = [
+        types.Datum(model_input=types.ModelInput.from_ints(row[:-1].tolist()), loss_fn_inputs={"target_tokens": row[1:].tolist()})
+        for row in tokens
+    ]
+    params = types.AdamParams(learning_rate=1e-4)
+
+    def step() -> None:
+        result = training.forward_backward(data, "cross_entropy")
+        training.optim_step(params).result()
+        result.result()
+
+    return step
+
+
 def torch_peft(directory: Path, tokens: np.ndarray, rank: int, dtype: str) -> Callable[[], None]:
     import peft
     import torch
@@ -124,6 +149,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/tuft/bench").expanduser())
+    parser.add_argument("--server", help="also time the step through the SDK against this loopback server")
+    parser.add_argument("--server-model", help="the name that server serves this checkpoint under")
     args = parser.parse_args()
     explicit = [getattr(args, dim.replace("-", "_")) for dim in dims]
     if any(v is not None for v in explicit):
@@ -138,6 +165,9 @@ def main() -> None:
         "tuft_jax": ours(directory, tokens, args.rank, args.dtype),
         "transformers_peft": torch_peft(directory, tokens, args.rank, args.dtype),
     }
+    if args.server:
+        require_loopback(args.server)
+        steps["tuft_jax_via_sdk"] = through_sdk(args.server, args.server_model, tokens, args.rank)
     per_step = seconds_per_step(steps, args.steps, args.rounds)
     n_tokens = args.batch * args.seq
     peak = measured_peak_flops(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
@@ -154,7 +184,10 @@ def main() -> None:
         "measured_peak_tflops": peak / 1e12,
         "speedup_vs_transformers_peft": per_step["transformers_peft"] / per_step["tuft_jax"],
         "loadavg": os.getloadavg(),
+        "checkpoint": str(directory),
     }
+    if args.server:
+        result["server_over_in_process"] = per_step["tuft_jax_via_sdk"] / per_step["tuft_jax"]
     print(json.dumps(result, indent=1))
 
 
