@@ -50,13 +50,16 @@ class SlotTable:
             raise InputError(f"LoRA rank must be between 1 and {self.max_rank}, got {config.rank}")
         if not (config.train_attn or config.train_mlp or config.train_unembed):
             raise InputError("lora_config must train at least one of attn, mlp, unembed")
-        free = [s for s in range(1, self.num_slots) if s not in self.configs]
+        free = self.free_slots()
         if not free:
             raise CapacityError(f"all {self.num_slots - 1} adapter slots of this base model are in use")
         slot = free[0]
         self.configs[slot] = config
         self.scales[slot] = group_flags(config) * (LORA_ALPHA / config.rank)
         return slot
+
+    def free_slots(self) -> list[int]:
+        return [s for s in range(1, self.num_slots) if s not in self.configs]
 
     def release(self, slot: int) -> None:
         self.configs.pop(slot, None)

@@ -539,7 +539,7 @@ class Engine:
         return slot, self.slots.scales[slot].copy()
 
     def _can_take_slot(self, keep: Collection[int]) -> bool:
-        return len(self.slots.configs) < self.spec.max_adapters or bool(self._parkable(keep))
+        return bool(self.slots.free_slots() or self._parkable(keep))
 
     def sample(
         self,
