@@ -82,12 +82,12 @@ def init_slot(lora: nnx.State, slot: jax.Array, key: jax.Array, rank: jax.Array,
     def fill(path: tuple, x: jax.Array) -> jax.Array:
         if path[-1] == "lora_b":
             return x.at[slot].set(0.0)
-        fan_in = x.shape[1]
+        fan_in = x.shape[-2]
         leaf_key = jax.random.fold_in(key, zlib.crc32(repr(path).encode()))
         bound = 1.0 / jnp.sqrt(fan_in)
         a = jax.random.uniform(leaf_key, x.shape[1:], x.dtype, -bound, bound)
-        keep = (jnp.arange(x.shape[2]) < rank) & (flags[LORA_GROUPS.index(leaf_group(path))] > 0)
-        return x.at[slot].set(jnp.where(keep[None, :], a, 0.0))
+        keep = (jnp.arange(x.shape[-1]) < rank) & (flags[LORA_GROUPS.index(leaf_group(path))] > 0)
+        return x.at[slot].set(jnp.where(keep, a, 0.0))
 
     return _map_lora(fill, lora)
 

@@ -25,7 +25,8 @@ from tuft_jax.types import LoraConfig
 METADATA_FILE = "tuft_adapter.json"
 _THIS_PROCESS_ONLY = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
 """Adapters are host arrays written and read by process 0 alone (no cross-process barriers)."""
-FORMAT = "tuft-lora-v1"
+FORMAT = "tuft-lora-v2"
+"""v2 holds the decoder layers stacked (`layer_stack`); v1 held one subtree per layer."""
 
 
 @dataclass(frozen=True)

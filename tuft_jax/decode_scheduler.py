@@ -185,7 +185,7 @@ class DecodeScheduler:
 
     @property
     def cache_length(self) -> int:
-        return 0 if self._state is None else self._state.caches[0].k.shape[1]
+        return 0 if self._state is None else self._state.caches.k.shape[2]
 
     def _live_requests(self) -> list[_Request]:
         return [owner[0] for owner in self._owner if owner is not None]

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from transformers import AutoTokenizer
 
-from tuft_jax import adapters, checkpoints, losses, peft_export
+from tuft_jax import adapters, checkpoints, layer_stack, losses, peft_export, step_plan
 from tuft_jax.batching import build_train_batch
 from tuft_jax.decode_scheduler import DecodeScheduler, SampleJob
 from tuft_jax.errors import CapacityError, InputError, SlotsBusy
@@ -78,7 +78,10 @@ class Engine:
         *,
         decode_rows: int = DECODE_ROWS,
         decode_chunk: int = DECODE_CHUNK,
+        step_memory_bytes: int | None = None,
     ) -> None:
+        """`step_memory_bytes` caps what one training pass may allocate beyond the resident
+        state (default: the devices' free memory, read before each new batch shape)."""
         self.spec = spec
         self.mesh = make_mesh() if mesh is None else mesh
         self.name = spec.name
@@ -91,6 +94,10 @@ class Engine:
         self.graphdef, self.base, self.lora, self.config = load_causal_lm(spec.path, lora_shape, dtype, self.mesh)
         self.grads = jax.tree.map(jnp.zeros_like, self.lora)
         self.opt_state = place_like_params(init_optimizer_state(self.lora), self.mesh)
+        local = list(self.mesh.local_devices)
+        self.planner = step_plan.StepPlanner(
+            (lambda: step_memory_bytes) if step_memory_bytes is not None else (lambda: step_plan.free_device_bytes(local))
+        )
         self.steps: dict[int, int] = {}
         self._slot_of: dict[int, int] = {}
         self._parked: dict[int, _Parked] = {}
@@ -286,7 +293,8 @@ class Engine:
             for key in datum.loss_inputs
             if key != "target_tokens"
         }
-        tb = build_train_batch(rows, fill, min_rows=self.mesh.shape["fsdp"])
+        fsdp = self.mesh.shape["fsdp"]
+        tb = build_train_batch(rows, fill, min_rows=fsdp, pack=True)
         host = BatchArrays(
             tokens=tb.tokens,
             positions=tb.positions,
@@ -295,29 +303,58 @@ class Engine:
             targets=tb.targets,
             mask=tb.mask,
             inputs=tb.inputs,
+            segments=tb.segments,
         )
-        arrays = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, x.ndim)), host)
         config = {key: jnp.float32(value) for key, value in loss_config.items()}
         form = lora_form({slot for slot, _ in rows})
-        if forward_only:
-            lp, per_row = forward(self.graphdef, self.base, self.lora, arrays, config, loss_fn, lora_form=form)
-        else:
-            step_grads, lp, per_row = forward_backward(
-                self.graphdef, self.base, self.lora, arrays, config, loss_fn, lora_form=form
+        plan = self._plan_pass(host, config, loss_fn, form, forward_only)
+        used_rows = 1 + max(row for row, _ in tb.placements)
+        lp_parts, loss_parts = [], []
+        for start in range(0, used_rows, plan.rows):
+            part = jax.tree.map(
+                lambda x: jax.device_put(x[start : start + plan.rows], batch_sharding(self.mesh, x.ndim)), host
             )
-            self.grads = accumulate(self.grads, step_grads)
-        lp, per_row = to_host(lp), to_host(per_row)
-        results, row = [], 0
+            if forward_only:
+                lp, per_token = plan.compiled(self.base, self.lora, part, config)
+            else:
+                step_grads, lp, per_token = plan.compiled(self.base, self.lora, part, config)
+                self.grads = accumulate(self.grads, step_grads)
+            lp_parts.append(to_host(lp))
+            loss_parts.append(to_host(per_token))
+        lp, per_token = np.concatenate(lp_parts), np.concatenate(loss_parts)
+        results, i = [], 0
         for _, datums in batch:
-            outputs = []
+            outputs, loss = [], 0.0
             for datum in datums:
-                n, shape = len(datum.tokens), tb.target_shapes[row]
+                (row, start), shape = tb.placements[i], tb.target_shapes[i]
+                span = slice(start, start + len(datum.tokens))
                 width = int(np.prod(shape[1:], dtype=int))
-                outputs.append({"logprobs": lp[row, :n, :width].reshape(shape).astype(np.float32)})
-                row += 1
-            loss = float(per_row[row - len(datums) : row].sum())
+                outputs.append({"logprobs": lp[row, span, :width].reshape(shape).astype(np.float32)})
+                loss += float(per_token[row, span].sum())
+                i += 1
             results.append(ForwardResult(outputs=outputs, metrics={"loss:sum": loss}))
         return results
+
+    def _plan_pass(
+        self, host: BatchArrays, config: dict[str, jax.Array], loss_fn: str, form: LoraForm, forward_only: bool
+    ) -> step_plan.Plan:
+        """The compiled pass (and micro-batch rows) this batch shape runs with; see `step_plan`."""
+
+        def lower(variant: step_plan.Variant) -> jax.stages.Lowered:
+            abstract = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(
+                    (variant.rows, *x.shape[1:]), x.dtype, sharding=batch_sharding(self.mesh, x.ndim)
+                ),
+                host,
+            )
+            args = (self.graphdef, self.base, self.lora, abstract, config, loss_fn)
+            if forward_only:
+                return forward.lower(*args, lora_form=form)
+            return forward_backward.lower(*args, lora_form=form, remat=variant.remat)
+
+        leaves, treedef = jax.tree.flatten(host)
+        key = (forward_only, loss_fn, form, tuple(sorted(config)), treedef, tuple((x.shape[1:], x.dtype.str) for x in leaves))
+        return self.planner.plan(key, host.tokens.shape[0], self.mesh.shape["fsdp"], lower, backward=not forward_only)
 
     @collective
     def optim_step(self, adapter: int, params: AdamParams) -> dict[str, float]:
@@ -400,7 +437,7 @@ class Engine:
         config, _, tree = self._adapter_state(adapter, with_optimizer=False)
         flat = nnx.to_flat_state(self.lora)
         lora = {path: value for (path, _), value in zip(flat, jax.tree.leaves(tree["lora"]), strict=True)}
-        return peft_export.write_peft_adapter(directory, lora, config, adapters.LORA_ALPHA, self.name)
+        return peft_export.write_peft_adapter(directory, layer_stack.unstack(lora), config, adapters.LORA_ALPHA, self.name)
 
     # ---- sampling -------------------------------------------------------------------------
 

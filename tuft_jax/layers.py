@@ -42,7 +42,7 @@ class AdapterBatch(NamedTuple):
 
 
 class KVCache(NamedTuple):
-    """One layer's keys and values, [B, S, kv_heads, head_dim]."""
+    """Keys and values: [B, S, kv_heads, head_dim] for one layer, [B, L, S, ...] for a layer stack."""
 
     k: jax.Array
     v: jax.Array

@@ -7,7 +7,7 @@ decode together and a row can be refilled as soon as its sequence ends (see
 `tuft_jax.decode_scheduler`). Rows never interact: a row attends only to its own cache and draws
 token g from `fold_in(row_key, g)`, so what it produces does not depend on its neighbours.
 
-The cache length is the state's second axis; the scheduler resizes it in length buckets to what
+The cache length is the third axis of the [rows, layers, length, ...] cache; the scheduler resizes it in length buckets to what
 the live rows need, so a step attends over roughly the longest live sequence rather than the
 model's whole context. Every call donates the state.
 """
@@ -33,7 +33,8 @@ class DecodeState:
     """Per-row decoding state ([R] unless noted); `token` is the last sampled token, which the
     next step feeds at `position`; `done` rows (finished or free) are carried but not advanced."""
 
-    caches: list[KVCache]
+    caches: KVCache
+    """[R, L, S, kv_heads, head_dim]."""
     token: jax.Array
     position: jax.Array
     generated: jax.Array
@@ -81,7 +82,7 @@ jax.tree_util.register_dataclass(Admission)
 class Prefilled:
     """What prefill computed: the prompts' caches, each entry's first token, and prompt scores."""
 
-    caches: list[KVCache]
+    caches: KVCache
     keys: jax.Array
     token: jax.Array
     logprob: jax.Array
@@ -96,13 +97,13 @@ jax.tree_util.register_dataclass(Prefilled)
 
 def init_state(num_layers: int, rows: int, length: int, kv_heads: int, head_dim: int, dtype: jnp.dtype) -> DecodeState:
     """R free rows (all done) with a zero cache of `length` positions."""
-    shape = (rows, length, kv_heads, head_dim)
+    shape = (rows, num_layers, length, kv_heads, head_dim)
 
     def zeros_i() -> jax.Array:  # a distinct buffer per field, as every field is donated
         return jnp.zeros((rows,), jnp.int32)
 
     return DecodeState(
-        caches=[KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)],
+        caches=KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)),
         token=zeros_i(),
         position=zeros_i(),
         generated=zeros_i(),
@@ -231,15 +232,14 @@ def prefill(
 def insert(state: DecodeState, adm: Admission, pre: Prefilled) -> DecodeState:
     """Moves admitted entries into their decode rows: cache prefix, first token and controls."""
     rows, src = adm.rows, adm.source
-    width = pre.caches[0].k.shape[1]
+    width = pre.caches.k.shape[2]
 
     def put(x: jax.Array, value: jax.Array) -> jax.Array:
         return x.at[rows].set(value, mode="drop")
 
-    caches = [
-        KVCache(c.k.at[rows, :width].set(p.k[src], mode="drop"), c.v.at[rows, :width].set(p.v[src], mode="drop"))
-        for c, p in zip(state.caches, pre.caches, strict=True)
-    ]
+    caches = KVCache(
+        *(c.at[rows, :, :width].set(p[src], mode="drop") for c, p in zip(state.caches, pre.caches, strict=True))
+    )
     return DecodeState(
         caches=caches,
         token=put(state.token, pre.token),
@@ -320,10 +320,9 @@ def resize(state: DecodeState, length: int) -> DecodeState:
     """The same rows with a cache of `length` positions (cut or zero-extended at the end)."""
 
     def fit(x: jax.Array) -> jax.Array:
-        current = x.shape[1]
+        current = x.shape[2]
         if length <= current:
-            return x[:, :length]
-        return jnp.pad(x, ((0, 0), (0, length - current), (0, 0), (0, 0)))
+            return x[:, :, :length]
+        return jnp.pad(x, ((0, 0), (0, 0), (0, length - current), (0, 0), (0, 0)))
 
-    caches = [KVCache(fit(c.k), fit(c.v)) for c in state.caches]
-    return replace(state, caches=caches)
+    return replace(state, caches=KVCache(fit(state.caches.k), fit(state.caches.v)))

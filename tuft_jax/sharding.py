@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tuft_jax.layer_stack import STACK
+
 MESH_AXES = ("fsdp", "tp")
 LOGICAL_RULES: dict[str, str | None] = {
     "batch": "fsdp",
@@ -21,6 +23,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     "vocab": "tp",
     "slots": None,
     "rank": None,
+    "layers": None,
 }
 
 _PROJECTION_AXES = {
@@ -43,19 +46,21 @@ def make_mesh(devices: list[jax.Device] | None = None, tp: int = 1) -> Mesh:
 
 
 def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
-    """Logical axis names of a parameter (or of a leaf mirroring one) from its HF-style path."""
+    """Logical axis names of a parameter (or of a leaf mirroring one) from its path; a leaf of
+    the layer stack has a `layers` axis first (after `slots` for LoRA), see `layer_stack`."""
     names = [str(p) for p in path]
     owner = next((n for n in reversed(names) if n in _PROJECTION_AXES), None)
+    layer: tuple[str, ...] = ("layers",) if STACK in names else ()
     if "embed_tokens" in names:
         axes: tuple[str | None, ...] = ("vocab", "embed")
     elif owner is None:
-        axes = ()
+        axes = (*layer, *([None] * (ndim - len(layer))))
     elif "lora_a" in names:
-        axes = ("slots", _PROJECTION_AXES[owner][0], "rank")
+        axes = ("slots", *layer, _PROJECTION_AXES[owner][0], "rank")
     elif "lora_b" in names:
-        axes = ("slots", "rank", _PROJECTION_AXES[owner][1])
+        axes = ("slots", *layer, "rank", _PROJECTION_AXES[owner][1])
     else:
-        axes = _PROJECTION_AXES[owner]
+        axes = (*layer, *_PROJECTION_AXES[owner])
     return axes if len(axes) == ndim else (None,) * ndim
 
 

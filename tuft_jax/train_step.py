@@ -24,7 +24,8 @@ from tuft_jax.losses import token_loss
 
 @dataclass(frozen=True)
 class BatchArrays:
-    """Device arrays of a TrainBatch plus the per-row LoRA scales."""
+    """Device arrays of a TrainBatch plus the per-row LoRA scales; `segments` ([B, T], one id
+    per datum of a packed row) keeps packed datums from attending to each other."""
 
     tokens: jax.Array
     positions: jax.Array
@@ -33,10 +34,13 @@ class BatchArrays:
     targets: jax.Array
     mask: jax.Array
     inputs: Mapping[str, jax.Array]
+    segments: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
-    BatchArrays, data_fields=["tokens", "positions", "slots", "scales", "targets", "mask", "inputs"], meta_fields=[]
+    BatchArrays,
+    data_fields=["tokens", "positions", "slots", "scales", "targets", "mask", "inputs", "segments"],
+    meta_fields=[],
 )
 
 
@@ -47,12 +51,13 @@ def target_logprobs(
     batch: BatchArrays,
     chunk_tokens: int = CHUNK_TOKENS,
     lora_form: LoraForm = "grouped",
+    remat: bool = False,
 ) -> jax.Array:
     """log p(target) for every [B, T, K] target, in fp32, from logits computed chunk by chunk
     (`map_chunks`): the losses read only these, so the [B, T, V] logits are never held whole."""
     model = nnx.merge(graphdef, base, lora)
     adapters = AdapterBatch(batch.slots, batch.scales, lora_form)
-    hidden, _ = model(batch.tokens, batch.positions, adapters)
+    hidden, _ = model(batch.tokens, batch.positions, adapters, remat=remat, segments=batch.segments)
 
     def chunk_logprobs(h: jax.Array, targets: jax.Array) -> jax.Array:
         logits = model.logits(h, adapters)
@@ -71,13 +76,14 @@ def _loss(
     loss_fn: str,
     chunk_tokens: int = CHUNK_TOKENS,
     lora_form: LoraForm = "grouped",
+    remat: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    lp = target_logprobs(graphdef, base, lora, batch, chunk_tokens, lora_form)
-    per_row = token_loss(loss_fn, lp, batch.inputs, batch.mask, config).sum(axis=(1, 2))
-    return per_row.sum(), (lp, per_row)
+    lp = target_logprobs(graphdef, base, lora, batch, chunk_tokens, lora_form, remat)
+    per_token = token_loss(loss_fn, lp, batch.inputs, batch.mask, config).sum(axis=2)
+    return per_token.sum(), (lp, per_token)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "chunk_tokens", "lora_form"))
+@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "chunk_tokens", "lora_form", "remat"))
 def forward_backward(
     graphdef: nnx.GraphDef,
     base: nnx.State,
@@ -87,14 +93,16 @@ def forward_backward(
     loss_fn: str,
     chunk_tokens: int = CHUNK_TOKENS,
     lora_form: LoraForm = "grouped",
+    remat: bool = False,
 ) -> tuple[nnx.State, jax.Array, jax.Array]:
-    """Returns (this batch's grads, target logprobs [B, T, K], loss per row [B]); `chunk_tokens`
-    bounds the logits held at once (see `map_chunks`), `lora_form` picks how the LoRA deltas
-    are computed (see `LoraForm`)."""
-    (_, (lp, per_row)), step_grads = jax.value_and_grad(_loss, has_aux=True)(
-        lora, graphdef, base, batch, config, loss_fn, chunk_tokens, lora_form
+    """Returns (this batch's grads, target logprobs [B, T, K], loss per token [B, T]);
+    `chunk_tokens` bounds the logits held at once (see `map_chunks`), `lora_form` picks how the
+    LoRA deltas are computed (see `LoraForm`), `remat` recomputes each layer in the backward
+    pass (see `layer_stack`)."""
+    (_, (lp, per_token)), step_grads = jax.value_and_grad(_loss, has_aux=True)(
+        lora, graphdef, base, batch, config, loss_fn, chunk_tokens, lora_form, remat
     )
-    return step_grads, lp, per_row
+    return step_grads, lp, per_token
 
 
 @partial(jax.jit, donate_argnames=("grads",))
@@ -113,5 +121,5 @@ def forward(
     lora_form: LoraForm = "grouped",
 ) -> tuple[jax.Array, jax.Array]:
     """Same outputs as forward_backward, no gradient."""
-    _, (lp, per_row) = _loss(lora, graphdef, base, batch, config, loss_fn, lora_form=lora_form)
-    return lp, per_row
+    _, (lp, per_token) = _loss(lora, graphdef, base, batch, config, loss_fn, lora_form=lora_form)
+    return lp, per_token

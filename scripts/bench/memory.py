@@ -20,6 +20,8 @@ import argparse
 import functools
 import inspect
 import json
+import math
+import re
 import subprocess
 import sys
 import time
@@ -41,14 +43,14 @@ LOGITS_CHUNK = 1024
 GB = 1e9
 
 ALL_CONFIGS: list[list[str]] = [
-    ["--model", "qwen3-0.6b", "--seq", "2048"],
     ["--model", "qwen3-0.6b", "--seq", "8192"],
-    ["--model", "qwen3-8b", "--seq", "2048", "--layers", "2"],
+    ["--model", "qwen3-0.6b", "--seq", "32768"],
     ["--model", "qwen3-8b", "--seq", "2048", "--layers", "4"],
-    ["--model", "qwen3-8b", "--seq", "2048", "--layers", "8"],
-    ["--model", "llama3.1-8b", "--seq", "2048", "--layers", "4"],
     ["--model", "qwen3-8b", "--seq", "2048"],
-    ["--model", "qwen3-8b", "--seq", "32768", "--layers", "1"],
+    ["--model", "qwen3-8b", "--seq", "8192"],
+    ["--model", "qwen3-8b", "--seq", "32768"],
+    ["--model", "llama3.1-8b", "--seq", "8192"],
+    ["--model", "llama3.1-8b", "--seq", "32768"],
 ]
 """What `--all` measures (batch 1, train)."""
 
@@ -82,6 +84,7 @@ def train_batch(b: int, t: int) -> train_step.BatchArrays:
         targets=sds((b, t, 1), jnp.int32),
         mask=sds((b, t, 1), jnp.bool_),
         inputs={"weights": sds((b, t, 1), jnp.float32)},
+        **({"segments": sds((b, t), jnp.int32)} if "segments" in inspect.signature(train_step.BatchArrays).parameters else {}),
     )
 
 
@@ -96,13 +99,17 @@ def admission(u: int, width: int) -> sampler.Admission:
     )
 
 
-def form_options(adapters: int) -> dict[str, str]:
-    """The LoRA form the engine picks for a batch of `adapters` runs (none before the engine had forms)."""
-    if "lora_form" not in inspect.signature(train_step.forward_backward).parameters:
-        return {}
-    from tuft_jax.engine import lora_form
-
-    return {"lora_form": lora_form(range(1, adapters + 1))}
+def form_options(adapters: int, remat: bool) -> dict[str, Any]:
+    """The LoRA form an accelerator engine picks for a batch of `adapters` runs, and remat (the
+    variant its planner takes when the plain pass does not fit); options older commits lack are
+    left out, so the bench also measures them."""
+    params = inspect.signature(train_step.forward_backward).parameters
+    options: dict[str, Any] = {}
+    if "lora_form" in params:
+        options["lora_form"] = "single" if adapters == 1 else "grouped"
+    if "remat" in params:
+        options["remat"] = remat
+    return options
 
 
 def lower(
@@ -115,18 +122,29 @@ def lower(
     t: int,
     dtype: Any,
     adapters: int,
+    remat: bool,
 ) -> jax.stages.Lowered:
     """Lowers the engine's own jitted function, called the way the engine calls it."""
     if mode == "train":
         return train_step.forward_backward.lower(
             graphdef=graphdef, base=base, lora=lora, batch=train_batch(b, t), config={}, loss_fn="cross_entropy",
-            **form_options(adapters),
+            **form_options(adapters, remat),
         )
     if mode == "prefill":
         return sampler.prefill.lower(graphdef, base, lora, admission(b, t), score_prompt=False, topk_prompt=0)
     init = functools.partial(sampler.init_state, cfg.num_layers, b, t, cfg.num_kv_heads, cfg.head_dim, dtype)
     finish = sds((b,), jnp.bool_)
     return sampler.decode.lower(graphdef, base, lora, jax.eval_shape(init), finish, steps=DECODE_CHUNK, live_rows=b)
+
+
+def cpu_f32_param_copies(compiled: jax.stages.Compiled) -> int:
+    """Bytes of the f32 copies XLA:CPU makes of whole bf16 parameters before its loops (it runs
+    bf16 matmuls in f32): temporaries a bf16-native backend (GPU, TPU) does not have."""
+    text = compiled.as_text()
+    entry = text[text.index("\nENTRY"):]
+    params = set(re.findall(r"%(\S+) = bf16\[[\d,]*\]\{[^}]*\} parameter\(", entry))
+    copies = re.findall(r"= f32\[([\d,]*)\]\{[^}]*\} fusion\(%([^,)\s]+)\), kind=kLoop, calls=%wrapped_convert", entry)
+    return sum(4 * math.prod(int(n) for n in dims.split(",")) for dims, operand in copies if operand in params)
 
 
 def lower_bound(
@@ -163,13 +181,14 @@ def measure(
     dtype_name: str,
     cache_dir: Path,
     adapters: int = 1,
+    remat: bool = True,
 ) -> dict[str, Any]:
     dtype = jnp.dtype(dtype_name)
     cfg = decoder_config(model, layers, cache_dir)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, LoraShape(slots, rank), dtype=dtype))
     graphdef, lora, base = nnx.split(abstract, nnx.LoRAParam, nnx.Param)
     start = time.perf_counter()
-    lowered = lower(mode, graphdef, base, lora, cfg, b, t, dtype, adapters)
+    lowered = lower(mode, graphdef, base, lora, cfg, b, t, dtype, adapters, remat)
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()
@@ -186,21 +205,26 @@ def measure(
         peak, source = reported, "xla"
     else:
         peak, source = argument + output + temp - alias, "argument+output+temp-alias"
+    cpu_copies = cpu_f32_param_copies(compiled) if jax.default_backend() == "cpu" else 0
     # Training state the step does not take: AdamW moments and the gradient accumulator.
     outside = 0
     if mode == "train":
         outside = nbytes(jax.eval_shape(init_optimizer_state, lora)) + nbytes(lora)
     return dict(
         model=model, mode=mode, batch=b, seq=t, layers=cfg.num_layers, rank=rank, slots=slots, dtype=dtype_name,
-        adapters=adapters, **form_options(adapters),
-        peak_bytes=peak, peak_source=source, xla_peak_bytes=reported, temp_bytes=temp, argument_bytes=argument,
+        adapters=adapters, **form_options(adapters, remat),
+        peak_bytes=peak, peak_source=source, cpu_f32_param_copy_bytes=cpu_copies,
+        peak_without_cpu_copies_bytes=peak - cpu_copies, xla_peak_bytes=reported, temp_bytes=temp, argument_bytes=argument,
         output_bytes=output, alias_bytes=alias, state_outside_step_bytes=outside,
         lower_bound_bytes=sum(parts.values()), lower_bound_parts=parts, lower_s=round(lower_s, 2),
         compile_s=round(compile_s, 2), backend=jax.default_backend(), jax_version=jax.__version__,
     )
 
 
-COLUMNS = "| model | mode | B×T | layers | peak GB | temp GB | lower bound GB | lower s | compile s | load avg |"
+COLUMNS = (
+    "| model | mode | B×T | layers | peak GB | XLA:CPU f32 weight copies GB | peak without them GB | temp GB "
+    "| lower bound GB | lower s | compile s | load avg |"
+)
 
 
 def table_row(args: list[str], result: dict[str, Any] | None, note: str, load: str) -> str:
@@ -210,7 +234,13 @@ def table_row(args: list[str], result: dict[str, Any] | None, note: str, load: s
         r = result
         cells = [
             r["model"], r["mode"], f"{r['batch']}×{r['seq']}", r["layers"],
-            *(f"{r[key] / GB:.2f}" for key in ("peak_bytes", "temp_bytes", "lower_bound_bytes")),
+            *(
+                f"{r.get(key, 0) / GB:.2f}"
+                for key in (
+                    "peak_bytes", "cpu_f32_param_copy_bytes", "peak_without_cpu_copies_bytes", "temp_bytes",
+                    "lower_bound_bytes",
+                )
+            ),
             f"{r['lower_s']:.1f}", f"{r['compile_s']:.1f}", load,
         ]
     return "| " + " | ".join(map(str, cells)) + " |"
@@ -252,6 +282,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=9, help="LoRA slots (max_adapters + 1)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--adapters", type=int, default=1, help="distinct runs in the training batch (picks the LoRA form)")
+    parser.add_argument("--no-remat", action="store_true", help="train without per-layer rematerialisation")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--all", action="store_true", help="run ALL_CONFIGS in subprocesses, write a markdown table")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration with --all")
@@ -263,7 +294,7 @@ def main() -> None:
         return
     r = measure(
         args.model, args.mode, args.batch, args.seq, args.layers, args.rank, args.slots, args.dtype, args.cache_dir,
-        args.adapters,
+        args.adapters, not args.no_remat,
     )
     if args.json:
         print(json.dumps(r))

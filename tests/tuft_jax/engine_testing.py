@@ -1,7 +1,8 @@
 """Helpers for engine tests: read and write one adapter slot, and build PyTorch references.
 
 Our LoRA tensors are slot-stacked and padded to the engine's max rank: A is [slots, in, max_rank]
-and B is [slots, max_rank, out], with the delta x @ A @ B * (alpha / rank). PEFT stores the same
+and B is [slots, max_rank, out] (with a layer axis after the slot axis inside the layer stack,
+which these helpers unstack into HF-style per-layer keys), with the delta x @ A @ B * (alpha / rank). PEFT stores the same
 adapter as lora_A.weight = A[:, :rank].T and lora_B.weight = B[:rank].T with scaling alpha / r,
 so copying one slot into a PEFT model gives an independent implementation of the same function.
 """
@@ -16,6 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from tuft_jax import layer_stack
 from tuft_jax.engine import Engine
 from tuft_jax.types import Datum
 
@@ -36,8 +38,9 @@ def leaf_key(path: tuple) -> str:
 
 
 def slot_arrays(state: nnx.State, slot: int) -> dict[str, np.ndarray]:
-    """One slot of every slot-stacked leaf, keyed by `leaf_key`."""
-    return {leaf_key(path): np.array(var[...][slot]) for path, var in nnx.to_flat_state(state)}
+    """One slot of every slot-stacked leaf, one entry per layer, keyed by `leaf_key`."""
+    one_slot = {path: np.array(var[...][slot]) for path, var in nnx.to_flat_state(state)}
+    return {leaf_key(path): value for path, value in layer_stack.unstack(one_slot).items()}
 
 
 def tree_slot(tree, slot: int) -> list[np.ndarray]:
@@ -46,9 +49,10 @@ def tree_slot(tree, slot: int) -> list[np.ndarray]:
 
 
 def set_slot(engine: Engine, slot: int, arrays: dict[str, np.ndarray]) -> None:
-    engine.lora = nnx.from_flat_state(
-        [(path, var.replace(var[...].at[slot].set(arrays[leaf_key(path)]))) for path, var in nnx.to_flat_state(engine.lora)]
-    )
+    flat = nnx.to_flat_state(engine.lora)
+    by_path = {p: arrays[leaf_key(p)] for path, var in flat for p in layer_stack.layer_paths(path, var.shape[1])}
+    values = layer_stack.stack(by_path, [path for path, _ in flat])
+    engine.lora = nnx.from_flat_state([(path, var.replace(var[...].at[slot].set(values[path]))) for path, var in flat])
 
 
 def random_lora(engine: Engine, rank: int, seed: int, b_std: float = 0.05) -> dict[str, np.ndarray]:

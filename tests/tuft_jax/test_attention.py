@@ -128,9 +128,18 @@ def test_splash_interpret_matches_dense(packed: bool) -> None:
     _assert_close(kernel, q, k, v, w, *masks)
 
 
-def _grad_temp_bytes(kernel: Kernel, t: int, heads: int, d: int) -> int:
+def _grad_temp_bytes(kernel: Kernel, t: int, heads: int, d: int, layers: int = 0) -> int:
+    """Temporaries of the gradient of one call, or (`layers` > 0) of that many calls in a scan
+    whose carry is the queries, as the decoder's layer scan runs them."""
+
     def loss(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
-        return jnp.sum(kernel(q, k, v, positions, positions))
+        if not layers:
+            return jnp.sum(kernel(q, k, v, positions, positions))
+
+        def layer(x: jax.Array, _: None) -> tuple[jax.Array, None]:
+            return x + kernel(x, k, v, positions, positions), None
+
+        return jnp.sum(jax.lax.scan(layer, q, None, length=layers)[0])
 
     qkv = jax.ShapeDtypeStruct((1, t, heads, d), jnp.float32)
     positions = jax.ShapeDtypeStruct((1, t), jnp.int32)
@@ -143,3 +152,5 @@ def test_blockwise_backward_never_holds_the_scores() -> None:
     scores = t * t * heads * 4
     assert _grad_temp_bytes(attention, t, heads, d) < scores / 16
     assert _grad_temp_bytes(dense_attention, t, heads, d) > scores
+    # Under a layer scan too (its tile loops were once stacked for autodiff: all the scores again).
+    assert _grad_temp_bytes(attention, t, heads, d, layers=2) < scores / 4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tuft_jax.batching import batch_bucket, bucket, build_train_batch
+from tuft_jax.batching import batch_bucket, bucket, build_train_batch, pack_rows
 from tuft_jax.types import Datum
 
 
@@ -38,3 +38,22 @@ def test_build_train_batch_layout() -> None:
     assert batch.target_shapes == [(3,), (2, 2), (3,)]
     # The data-parallel width sets a floor on the number of rows.
     assert build_train_batch([(1, a)], {}, min_rows=8).tokens.shape == (8, 16)
+
+
+def test_pack_rows_fills_rows_of_one_slot_longest_first() -> None:
+    # slot 1: 40, 7, 20, 13 in rows of 48 -> [40, 7] and [20, 13]; slot 2 never shares a row with slot 1.
+    placements = pack_rows([(1, 40), (1, 7), (1, 20), (2, 5), (1, 13)], 48)
+    assert placements == [(0, 0), (0, 40), (1, 0), (2, 0), (1, 20)]
+
+
+def test_packed_batch_restarts_positions_and_numbers_segments() -> None:
+    a = Datum(np.arange(1, 11, dtype=np.int32), {"target_tokens": np.arange(2, 12)})
+    b = Datum(np.arange(20, 26, dtype=np.int32), {"target_tokens": np.arange(21, 27)})
+    batch = build_train_batch([(3, a), (3, b)], {}, pack=True)
+    assert batch.tokens.shape == (1, 16) and batch.placements == [(0, 0), (0, 10)]
+    np.testing.assert_array_equal(batch.tokens[0, 10:16], b.tokens)
+    np.testing.assert_array_equal(batch.positions[0, :16], [*range(10), *range(6)])
+    np.testing.assert_array_equal(batch.segments[0], [1] * 10 + [2] * 6)
+    assert batch.mask[0].sum() == 16
+    unpacked = build_train_batch([(3, a), (3, b)], {})
+    assert unpacked.segments is None and unpacked.tokens.shape == (2, 16)

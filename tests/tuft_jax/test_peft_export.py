@@ -22,6 +22,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from tuft_jax import layer_stack
 from tuft_jax.adapters import LORA_ALPHA, leaf_group
 from tuft_jax.engine import Engine
 from tuft_jax.errors import InputError
@@ -34,7 +35,9 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
 def template(engine: Engine) -> dict[tuple, tuple[int, ...]]:
-    return {path: var.shape[1:] for path, var in nnx.to_flat_state(engine.lora)}
+    """One slot's leaf shapes, one entry per layer (PEFT's names are per layer)."""
+    one_slot = {path: var[...][0] for path, var in nnx.to_flat_state(engine.lora)}
+    return {path: value.shape for path, value in layer_stack.unstack(one_slot).items()}
 
 
 def engine_logprobs(engine: Engine, slot: int) -> list[np.ndarray]:

@@ -62,10 +62,12 @@ def test_eight_device_mesh_matches_one_device(tmp_path: Path) -> None:
 
 
 def test_logical_axes_follow_parameter_roles() -> None:
-    assert logical_axes(("model", "layers", 0, "self_attn", "q_proj", "lora", "lora_a"), 3) == ("slots", "embed", "rank")
-    assert logical_axes(("model", "layers", 0, "mlp", "down_proj", "weight"), 2) == ("mlp", "embed")
+    lora_a = ("model", "layers", "self_attn", "q_proj", "lora", "lora_a")
+    assert logical_axes(lora_a, 4) == ("slots", "layers", "embed", "rank")
+    assert logical_axes(("model", "layers", "mlp", "down_proj", "weight"), 3) == ("layers", "mlp", "embed")
     assert logical_axes(("model", "embed_tokens", "weight"), 2) == ("vocab", "embed")
-    assert logical_axes(("model", "layers", 0, "self_attn", "q_norm", "weight"), 1) == (None,)
+    assert logical_axes(("model", "layers", "self_attn", "q_norm", "weight"), 2) == ("layers", None)
+    assert logical_axes(("lm_head", "lora", "lora_b"), 3) == ("slots", "rank", "vocab")
 
 
 def test_indivisible_dimensions_stay_replicated() -> None:

@@ -1,7 +1,8 @@
 """The pre-norm decoder-only transformer that Qwen3 and Llama 3 share, with multi-slot LoRA.
 
 Module and attribute names follow the Hugging Face layout (`model.layers.N.self_attn.q_proj`),
-so a parameter's path is its safetensors key; projection kernels are stored [in, out].
+so a parameter's path is its safetensors key once `layer_stack.unstack` gives each layer its
+index; projection kernels are stored [in, out]. The layers are one stacked module, scanned.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tuft_jax.attention import attention
+from tuft_jax.layer_stack import scan_layers, stacked
 from tuft_jax.layers import AdapterBatch, KVCache, LoraDelta, LoraLinear, RMSNorm, apply_rope, write_cache
 
 
@@ -81,7 +83,13 @@ class Attention(nnx.Module):
         self.config = config
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, adapters: AdapterBatch, cache: KVCache | None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        inv_freq: jax.Array,
+        adapters: AdapterBatch,
+        cache: KVCache | None,
+        segments: jax.Array | None,
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         b, t, _ = x.shape
@@ -92,7 +100,7 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if cache is None:
-            out = attention(q, k, v, positions, positions)
+            out = attention(q, k, v, positions, positions, segments, segments)
         else:
             cache = write_cache(cache, k, v, positions[:, 0])
             key_positions = jnp.broadcast_to(jnp.arange(cache.k.shape[1]), (b, cache.k.shape[1]))
@@ -120,9 +128,15 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, lora, dtype)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, adapters: AdapterBatch, cache: KVCache | None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        inv_freq: jax.Array,
+        adapters: AdapterBatch,
+        cache: KVCache | None,
+        segments: jax.Array | None,
     ) -> tuple[jax.Array, KVCache | None]:
-        attn_out, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, adapters, cache)
+        attn_out, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, adapters, cache, segments)
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x), adapters), cache
 
@@ -138,7 +152,7 @@ class Embedding(nnx.Module):
 class DecoderStack(nnx.Module):
     def __init__(self, config: DecoderConfig, lora: LoraShape, dtype: jnp.dtype) -> None:
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
-        self.layers = nnx.List([DecoderLayer(config, lora, dtype) for _ in range(config.num_layers)])
+        self.layers = stacked(lambda: DecoderLayer(config, lora, dtype), config.num_layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
 
@@ -164,22 +178,31 @@ class CausalLM(nnx.Module):
         self.lm_head = Unembed(config, lora, dtype)
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array, adapters: AdapterBatch, caches: list[KVCache] | None = None
-    ) -> tuple[jax.Array, list[KVCache] | None]:
-        """Final hidden states [B, T, D] (and updated caches when decoding)."""
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        adapters: AdapterBatch,
+        caches: KVCache | None = None,
+        remat: bool = False,
+        segments: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final hidden states [B, T, D] (and the updated caches when decoding); `remat`
+        recomputes each layer in the backward pass instead of keeping its activations;
+        `segments` [B, T] (packed datums, training only) confine attention to each segment."""
         inv_freq = rope_frequencies(self.config)
+
+        def step(layer: DecoderLayer, x: jax.Array, adapters: AdapterBatch, cache: KVCache | None):
+            return layer(x, positions, inv_freq, adapters, cache, segments)
+
         x = self.model.embed_tokens(tokens)
-        new_caches = [] if caches is not None else None
-        for i, layer in enumerate(self.model.layers):
-            x, cache = layer(x, positions, inv_freq, adapters, None if caches is None else caches[i])
-            if new_caches is not None:
-                new_caches.append(cache)
-        return self.model.norm(x), new_caches
+        x, caches = scan_layers(self.model.layers, step, x, adapters, caches, remat)
+        return self.model.norm(x), caches
 
     def logits(self, hidden: jax.Array, adapters: AdapterBatch) -> jax.Array:
         """fp32 logits [B, T, V]."""
         return self.lm_head(hidden, self.model.embed_tokens.weight[...], adapters)
 
-    def init_caches(self, batch: int, length: int, dtype: jnp.dtype) -> list[KVCache]:
-        shape = (batch, length, self.config.num_kv_heads, self.config.head_dim)
-        return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.config.num_layers)]
+    def init_caches(self, batch: int, length: int, dtype: jnp.dtype) -> KVCache:
+        """Zero caches of every layer, [B, L, S, kv_heads, head_dim]."""
+        shape = (batch, self.config.num_layers, length, self.config.num_kv_heads, self.config.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))

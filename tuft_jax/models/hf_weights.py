@@ -1,6 +1,7 @@
 """Loads a local Hugging Face checkpoint (config.json + safetensors shards) into a CausalLM.
 
-Parameter paths equal safetensors keys, so the weight map is one rule: projection kernels are
+Parameter paths equal safetensors keys once a stacked layer leaf is read as one tensor per
+layer (`layer_stack.layer_paths`), so the weight map is one rule: projection kernels are
 transposed to [in, out]; everything else loads as stored. LoRA slots start at zero.
 """
 
@@ -16,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from safetensors import safe_open
 
+from tuft_jax.layer_stack import layer_paths
 from tuft_jax.models.decoder import CausalLM, DecoderConfig, LoraShape
 from tuft_jax.models.hf_config import load_decoder_config
 from tuft_jax.sharding import param_sharding
@@ -42,6 +44,13 @@ def _shard_files(model_dir: Path) -> dict[str, Path]:
         return {key: single for key in f.keys()}
 
 
+def _read(handles: dict, files: dict[str, Path], model_dir: Path, key: str, transpose: bool) -> np.ndarray:
+    if key not in files:
+        raise ValueError(f"{model_dir}: checkpoint has no tensor {key!r}")
+    tensor = handles[files[key]].get_tensor(key)
+    return tensor.T if transpose else tensor
+
+
 def load_causal_lm(
     model_dir: Path, lora: LoraShape, dtype: jnp.dtype, mesh: Mesh
 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State, DecoderConfig]:
@@ -53,14 +62,11 @@ def load_causal_lm(
     handles = {path: safe_open(path, framework="flax") for path in set(files.values())}
     base_leaves = []
     for path, var in nnx.to_flat_state(base_abstract):
-        key = hf_key(path)
-        if key not in files:
-            raise ValueError(f"{model_dir}: checkpoint has no tensor {key!r}")
-        tensor = handles[files[key]].get_tensor(key)
-        if is_projection(path):
-            tensor = tensor.T
+        keys = [hf_key(p) for p in layer_paths(path, config.num_layers)]
+        tensors = [_read(handles, files, model_dir, key, is_projection(path)) for key in keys]
+        tensor = tensors[0] if keys == [hf_key(path)] else np.stack(tensors)
         if tensor.shape != var.shape:
-            raise ValueError(f"{model_dir}: {key} has shape {tensor.shape}, expected {var.shape}")
+            raise ValueError(f"{model_dir}: {keys[0]} has shape {tensor.shape}, expected {var.shape}")
         placed = jax.device_put(tensor.astype(dtype), param_sharding(path, var.shape, mesh))
         base_leaves.append((path, var.replace(placed)))
     lora_leaves = [
