@@ -310,9 +310,10 @@ class Engine:
         plan = self._plan_pass(host, config, loss_fn, form, forward_only)
         used_rows = 1 + max(row for row, _ in tb.placements)
         lp_parts, loss_parts = [], []
-        for start in range(0, used_rows, plan.rows):
+        rows_per_pass = plan.variant.rows
+        for start in range(0, used_rows, rows_per_pass):
             part = jax.tree.map(
-                lambda x: jax.device_put(x[start : start + plan.rows], batch_sharding(self.mesh, x.ndim)), host
+                lambda x: jax.device_put(x[start : start + rows_per_pass], batch_sharding(self.mesh, x.ndim)), host
             )
             if forward_only:
                 lp, per_token = plan.compiled(self.base, self.lora, part, config)

@@ -75,10 +75,9 @@ class Variant:
 
 @dataclass(frozen=True)
 class Plan:
-    """Run the batch as consecutive micro-batches of `rows` rows with `compiled`."""
+    """Run the batch as consecutive micro-batches of `variant.rows` rows with `compiled`."""
 
-    rows: int
-    remat: bool
+    variant: Variant
     compiled: jax.stages.Compiled
     allocated_bytes: int
 
@@ -113,8 +112,8 @@ class StepPlanner:
         for variant in candidates:
             compiled, allocated = self.compiled(key, variant, lower)
             if allocated <= budget:
-                return Plan(variant.rows, variant.remat, compiled, allocated)
+                return Plan(variant, compiled, allocated)
         raise InputError(
-            f"one row of this batch needs {allocated / GB:.1f} GB of device memory beyond the model's state, "
-            f"and {budget / GB:.1f} GB are free; send shorter sequences"
+            f"the smallest micro-batch of this batch ({variant.rows} rows) needs {allocated / GB:.1f} GB of device "
+            f"memory beyond the model's state, and {budget / GB:.1f} GB are free; send shorter sequences"
         )
