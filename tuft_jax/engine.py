@@ -308,6 +308,7 @@ class Engine:
         config = {key: jnp.float32(value) for key, value in loss_config.items()}
         form = lora_form({slot for slot, _ in rows})
         plan = self._plan_pass(host, config, loss_fn, form, forward_only)
+        first_slot = max(slot for slot, _ in rows) if form == "single" else 0  # where the pass's grads go
         used_rows = 1 + max(row for row, _ in tb.placements)
         lp_parts, loss_parts = [], []
         rows_per_pass = plan.variant.rows
@@ -319,7 +320,7 @@ class Engine:
                 lp, per_token = plan.compiled(self.base, self.lora, part, config)
             else:
                 step_grads, lp, per_token = plan.compiled(self.base, self.lora, part, config)
-                self.grads = accumulate(self.grads, step_grads)
+                self.grads = accumulate(self.grads, step_grads, jnp.int32(first_slot))
             lp_parts.append(to_host(lp))
             loss_parts.append(to_host(per_token))
         lp, per_token = np.concatenate(lp_parts), np.concatenate(loss_parts)

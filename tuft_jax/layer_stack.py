@@ -55,18 +55,12 @@ def scan_layers(
     """Runs `step(layer, x, adapters, cache)` for each layer in order.
 
     `caches` (when decoding) is one [B, L, S, kv_heads, head_dim] cache for all layers; the step
-    sees and returns its layer's [B, S, ...] view. For a `single`-form batch only the one slot
-    in use is sliced out before the scan (the slot axis of the view is 1), so the other slots'
-    LoRA weights are neither copied nor differentiated; otherwise the LoRA layer axis is moved
-    to the front to be scanned.
+    sees and returns its layer's [B, S, ...] view. The LoRA layer axis is moved to the front to
+    be scanned (a copy of the LoRA weights the batch can read: one slot for a `single`-form
+    training batch, see `train_step`).
     """
     graphdef, lora, base = nnx.split(layers, nnx.LoRAParam, ...)
-    if adapters.form == "single":
-        slot = jnp.max(adapters.slots)
-        lora = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, slot, keepdims=False)[:, None], lora)
-        adapters = adapters._replace(slots=jnp.zeros_like(adapters.slots))
-    else:
-        lora = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), lora)
+    lora = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), lora)
 
     def body(carry: tuple[jax.Array, KVCache | None, jax.Array], xs: tuple[nnx.State, nnx.State]):
         h, cache, i = carry

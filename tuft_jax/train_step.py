@@ -4,13 +4,14 @@ Gradients are taken with respect to the slot-stacked LoRA state only, so example
 adapters in one batch each land in their own slot, and are summed into a donated accumulator
 until that adapter's optim_step. The heavy pass donates nothing, so when it fails (out of
 memory, say) every slot's weights and pending gradients are as they were; only the cheap
-`accumulate` that follows donates the accumulator.
+`accumulate` that follows donates the accumulator. A `single`-form pass (one adapter) reads and
+differentiates a one-slot view of the LoRA state, so its gradients are one slot's, not all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import jax
@@ -42,6 +43,14 @@ jax.tree_util.register_dataclass(
     data_fields=["tokens", "positions", "slots", "scales", "targets", "mask", "inputs", "segments"],
     meta_fields=[],
 )
+
+
+def single_slot_view(lora: nnx.State, batch: BatchArrays) -> tuple[nnx.State, BatchArrays]:
+    """The LoRA state of the batch's one adapter slot as a one-slot state, and the batch pointing
+    at it (rows of other slots have scale 0, so which slot they name does not matter)."""
+    slot = jnp.max(batch.slots)
+    view = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, slot, 0, keepdims=True), lora)
+    return view, replace(batch, slots=jnp.zeros_like(batch.slots))
 
 
 def target_logprobs(
@@ -98,7 +107,10 @@ def forward_backward(
     """Returns (this batch's grads, target logprobs [B, T, K], loss per token [B, T]);
     `chunk_tokens` bounds the logits held at once (see `map_chunks`), `lora_form` picks how the
     LoRA deltas are computed (see `LoraForm`), `remat` recomputes each layer in the backward
-    pass (see `layer_stack`)."""
+    pass (see `layer_stack`). The grads have every slot, or for `single` the batch's one slot
+    (a leading slot axis of 1; `accumulate` puts them in place)."""
+    if lora_form == "single":
+        lora, batch = single_slot_view(lora, batch)
     (_, (lp, per_token)), step_grads = jax.value_and_grad(_loss, has_aux=True)(
         lora, graphdef, base, batch, config, loss_fn, chunk_tokens, lora_form, remat
     )
@@ -106,8 +118,14 @@ def forward_backward(
 
 
 @partial(jax.jit, donate_argnames=("grads",))
-def accumulate(grads: nnx.State, step_grads: nnx.State) -> nnx.State:
-    return jax.tree.map(jnp.add, grads, step_grads)
+def accumulate(grads: nnx.State, step_grads: nnx.State, first_slot: jax.Array) -> nnx.State:
+    """Adds a pass's gradients (all slots, or the slots from `first_slot` on that they cover)."""
+
+    def add(acc: jax.Array, g: jax.Array) -> jax.Array:
+        current = jax.lax.dynamic_slice_in_dim(acc, first_slot, g.shape[0], 0)
+        return jax.lax.dynamic_update_slice_in_dim(acc, current + g, first_slot, 0)
+
+    return jax.tree.map(add, grads, step_grads)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "loss_fn", "lora_form"))
@@ -121,5 +139,7 @@ def forward(
     lora_form: LoraForm = "grouped",
 ) -> tuple[jax.Array, jax.Array]:
     """Same outputs as forward_backward, no gradient."""
+    if lora_form == "single":
+        lora, batch = single_slot_view(lora, batch)
     _, (lp, per_token) = _loss(lora, graphdef, base, batch, config, loss_fn, lora_form=lora_form)
     return lp, per_token

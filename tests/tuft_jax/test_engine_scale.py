@@ -53,3 +53,32 @@ def test_packed_datums_get_what_each_gets_alone(make_engine) -> None:
     for key, grad in ours.items():
         if reference[key].any():
             assert_close_rel(grad, reference[key], 1e-5, key)
+
+
+@pytest.mark.parametrize("form", ["single", "grouped"])
+def test_accelerator_lora_forms_give_the_cpu_forms_step(make_engine, monkeypatch: pytest.MonkeyPatch, form: str) -> None:
+    """The forms an accelerator engine picks (one adapter: `single`, whose gradients are one slot's
+    and are added at that slot; `grouped`) train exactly as XLA:CPU's `per_row`, leaving every
+    other slot's accumulated gradients untouched."""
+    data = [next_token_datum(s) for s in random_sequences([30, 12, 45], seed=8)]
+
+    def step(engine: Engine) -> tuple:
+        other = engine.create_adapter(LoraConfig(rank=2, seed=1))
+        adapter = engine.create_adapter(LoraConfig(rank=4, seed=2))
+        (pending,) = engine.forward_backward([(other, data[:1])], "cross_entropy", {}, False)
+        (result,) = engine.forward_backward([(adapter, data)], "cross_entropy", {}, False)
+        slots = (engine.device_slot(other), engine.device_slot(adapter))
+        return result, [slot_arrays(engine.grads, slot) for slot in slots]
+
+    reference, reference_grads = step(make_engine())
+    monkeypatch.setattr("tuft_jax.engine.lora_form", lambda slots: form)
+    result, grads = step(make_engine())
+    assert result.metrics["loss:sum"] == pytest.approx(reference.metrics["loss:sum"], rel=1e-5)
+    for ours, expected in zip(result.outputs, reference.outputs, strict=True):
+        np.testing.assert_allclose(ours["logprobs"], expected["logprobs"], rtol=0, atol=1e-5)
+    for slot_grads, slot_reference in zip(grads, reference_grads, strict=True):
+        for key, grad in slot_grads.items():
+            if slot_reference[key].any():
+                assert_close_rel(grad, slot_reference[key], 1e-5, key)
+            else:
+                assert not grad.any(), key
