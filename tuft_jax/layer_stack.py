@@ -64,7 +64,8 @@ def scan_layers(
 
     def body(carry: tuple[jax.Array, KVCache | None, jax.Array], xs: tuple[nnx.State, nnx.State]):
         h, cache, i = carry
-        layer = nnx.merge(graphdef, *xs)
+        layer_lora, layer_base = xs
+        layer = nnx.merge(graphdef, layer_lora, jax.tree.map(from_stored, layer_base))
         view = None if cache is None else KVCache(*(jax.lax.dynamic_index_in_dim(c, i, 1, keepdims=False) for c in cache))
         h, view = step(layer, h, adapters, view)
         if cache is not None:
@@ -75,6 +76,22 @@ def scan_layers(
         body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
     (x, caches, _), _ = jax.lax.scan(body, (x, caches, jnp.int32(0)), (lora, base))
     return x, caches
+
+
+def stored_dtype(path: tuple, dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype a base weight is held in: a bf16 leaf of the layer stack as its uint16 bits.
+
+    XLA:CPU runs a bf16 dynamic slice in f32 and hoists the conversion of the whole operand out
+    of the loop, an f32 copy of every layer's weights (30 GB for Qwen3-8B); converting the stack
+    to bits inside the step would copy it instead (15 GB). Bits held from loading are sliced as
+    they are, and the scan body turns its layer's slice back into bf16 (`from_stored`).
+    """
+    in_stack = STACK in [str(p) for p in path]
+    return jnp.dtype(jnp.uint16) if in_stack and jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
+def from_stored(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
 
 
 def _split_path(path: tuple) -> tuple[tuple, tuple] | None:

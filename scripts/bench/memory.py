@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model_shapes import SHAPES, model_dir
-from tuft_jax import sampler, train_step
+from tuft_jax import layer_stack, sampler, train_step
 from tuft_jax.models.decoder import CausalLM, DecoderConfig, LoraShape
 from tuft_jax.models.hf_config import config_from_hf
 from tuft_jax.optimizer import init_optimizer_state
@@ -57,6 +57,16 @@ ALL_CONFIGS: list[list[str]] = [
 
 def sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def stored(base: nnx.State) -> nnx.State:
+    """The abstract base weights in the dtypes the engine holds them in (where it has that rule)."""
+    if not hasattr(layer_stack, "stored_dtype"):
+        return base
+    leaves = nnx.to_flat_state(base)
+    return nnx.from_flat_state(
+        [(path, var.replace(sds(var.shape, layer_stack.stored_dtype(path, var.dtype)))) for path, var in leaves]
+    )
 
 
 def nbytes(tree: Any) -> int:
@@ -187,6 +197,7 @@ def measure(
     cfg = decoder_config(model, layers, cache_dir)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, LoraShape(slots, rank), dtype=dtype))
     graphdef, lora, base = nnx.split(abstract, nnx.LoRAParam, nnx.Param)
+    base = stored(base)
     start = time.perf_counter()
     lowered = lower(mode, graphdef, base, lora, cfg, b, t, dtype, adapters, remat)
     lower_s = time.perf_counter() - start
