@@ -201,7 +201,45 @@ def _prompt_scores(
     return scores, top_ids, top_lp
 
 
-@partial(jax.jit, static_argnames=("graphdef", "score_prompt", "topk_prompt"))
+PREFILL_CHUNK_TOKENS = 2048
+"""Prompt tokens (over all prompts of an admission) run through the layers at once: a longer
+prefill goes chunk by chunk, each chunk attending to the cache the earlier ones wrote, so one
+layer's activations are those of a chunk, not of the whole prompt."""
+
+
+def prefill_chunks(width: int, prompts: int, chunk_tokens: int) -> int:
+    """How many equal chunks a prefill of `prompts` x `width` tokens runs in: the fewest whose
+    chunks hold at most max(1, chunk_tokens // prompts) positions and divide `width` evenly
+    (widths are length buckets, so a near divisor exists)."""
+    most = max(1, chunk_tokens // prompts)
+    n = -(-width // most)
+    while width % n:
+        n += 1
+    return n
+
+
+def _run_prompts(
+    model: nnx.Module, prompts: jax.Array, adapters: AdapterBatch, caches: KVCache, chunk_tokens: int
+) -> tuple[jax.Array, KVCache]:
+    """Hidden states [U, W, D] of the prompts and their filled caches, in `prefill_chunks` chunks."""
+    u, width = prompts.shape
+    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (u, width))
+    n = prefill_chunks(width, u, chunk_tokens)
+    if n == 1:
+        return model(prompts, positions, adapters, caches)
+
+    def chunk(caches: KVCache, xs: tuple[jax.Array, jax.Array]) -> tuple[KVCache, jax.Array]:
+        hidden, caches = model(*xs, adapters, caches)
+        return caches, hidden
+
+    def split(x: jax.Array) -> jax.Array:
+        return jnp.moveaxis(x.reshape(u, n, width // n), 1, 0)
+
+    caches, hidden = jax.lax.scan(chunk, caches, (split(prompts), split(positions)))
+    return jnp.moveaxis(hidden, 0, 1).reshape(u, width, -1), caches
+
+
+@partial(jax.jit, static_argnames=("graphdef", "score_prompt", "topk_prompt", "chunk_tokens"))
 def prefill(
     graphdef: nnx.GraphDef,
     base: nnx.State,
@@ -209,14 +247,15 @@ def prefill(
     adm: Admission,
     score_prompt: bool,
     topk_prompt: int,
+    chunk_tokens: int = PREFILL_CHUNK_TOKENS,
 ) -> Prefilled:
-    """Runs the U prompts, and draws each entry's first token from its prompt's last position."""
+    """Runs the U prompts (in chunks of about `chunk_tokens` tokens), and draws each entry's
+    first token from its prompt's last position."""
     model = nnx.merge(graphdef, base, lora)
     adapters = AdapterBatch(adm.prompt_slots, adm.prompt_scales, form="per_row")  # at most R prompts
     u, width = adm.prompts.shape
     caches = model.init_caches(u, width, base["model"]["embed_tokens"]["weight"].dtype)
-    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (u, width))
-    hidden, caches = model(adm.prompts, positions, adapters, caches)
+    hidden, caches = _run_prompts(model, adm.prompts, adapters, caches, chunk_tokens)
     last = jnp.take_along_axis(hidden, (adm.prompt_len - 1)[:, None, None], axis=1)
     logits = model.logits(last, adapters)[:, 0][adm.source]
     keys = _row_keys(adm.seeds, adm.sample_index)

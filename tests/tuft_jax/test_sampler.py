@@ -9,6 +9,7 @@ logprobs) must do what they say.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +20,10 @@ from engine_testing import count_compiles, next_token_datum, peft_model, random_
 from flax import nnx
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from tuft_jax import sampler
 from tuft_jax.engine import Engine
 from tuft_jax.layers import AdapterBatch
-from tuft_jax.sampler import _prompt_scores
+from tuft_jax.sampler import _prompt_scores, prefill_chunks
 from tuft_jax.types import LoraConfig, SamplingParams
 
 RANK = 4
@@ -192,3 +194,24 @@ def test_chunked_prompt_scores_equal_unchunked(setup: Setup, topk: int) -> None:
     ref_lp, ref_ids = jax.lax.top_k(log_probs, topk)
     np.testing.assert_array_equal(top_ids, ref_ids)
     np.testing.assert_allclose(top_lp, ref_lp, rtol=0, atol=1e-5)
+
+
+def test_chunked_prefill_equals_one_pass(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt prefilled in chunks (each attending to the cache the earlier ones wrote) gives the
+    tokens, logprobs and prompt scores of prefilling it at once."""
+    prompt = np.random.default_rng(5).integers(0, 460, 45).astype(np.int32)  # padded to 48: 6 chunks of 8
+    assert prefill_chunks(48, 1, 8) == 6 and prefill_chunks(48, 1, 2048) == 1 and prefill_chunks(48, 2, 20) == 6
+
+    def run():
+        params = SamplingParams(max_tokens=6, temperature=0.0)
+        return setup.engine.sample(setup.slot, prompt, 2, params, prompt_logprobs=True, topk_prompt_logprobs=2)
+
+    whole = run()
+    monkeypatch.setattr(sampler, "prefill", partial(sampler.prefill, chunk_tokens=8))
+    chunked = run()
+    for ours, reference in zip(chunked.sequences, whole.sequences, strict=True):
+        assert ours.tokens == reference.tokens
+        np.testing.assert_allclose(ours.logprobs, reference.logprobs, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(chunked.prompt_logprobs, whole.prompt_logprobs, rtol=0, atol=1e-5)
+    for ours, reference in zip(chunked.topk_prompt_logprobs, whole.topk_prompt_logprobs, strict=True):
+        assert [t for t, _ in ours] == [t for t, _ in reference]
