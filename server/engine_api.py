@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from tuft_jax.types import AdamParams, Datum, ForwardResult, LoraConfig, SampleResult, SamplingParams
+from tuft_jax.types import AdamParams, Datum, ForwardResult, KVCacheStats, LoraConfig, SampleResult, SamplingParams
 
 
 class EngineAPI(Protocol):
@@ -77,6 +77,10 @@ class EngineAPI(Protocol):
     def step_sampling(self) -> None: ...
 
     def has_sampling_work(self) -> bool: ...
+
+    def kv_cache_stats(self) -> KVCacheStats:
+        """The sampler's KV blocks; read from any thread (for `/metrics`)."""
+        ...
 
     def queued_sample_rows(self) -> int:
         """Samples submitted but not yet decoding."""

@@ -1,6 +1,8 @@
-"""Prometheus metrics: queue depth, engine step time, tokens/s and XLA compile count.
+"""Prometheus metrics: queue depth, engine step time, tokens/s, XLA compile count and the
+sampler's KV cache (blocks used / idle in the prefix cache / free, bytes per block, prefix-cache
+hits, preemptions).
 
-Engine workers report each finished call; queue depths are read when scraped. The text format
+Engine workers report each finished call; queue depths and KV figures are read when scraped. The text format
 is Prometheus' exposition format 0.0.4, served unauthenticated at `/metrics` like `/healthz`.
 """
 
@@ -15,6 +17,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from tuft_jax.types import KVCacheStats
+
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
@@ -28,6 +32,7 @@ class Metrics:
         self._compiles = 0
         self._compile_seconds = 0.0
         self._queue_depths: dict[str, Callable[[], int]] = {}
+        self._kv_stats: dict[str, Callable[[], KVCacheStats]] = {}
         jax.monitoring.register_event_duration_secs_listener(self._on_jax_event)
 
     def close(self) -> None:
@@ -41,6 +46,9 @@ class Metrics:
 
     def watch_queue(self, base_model: str, depth: Callable[[], int]) -> None:
         self._queue_depths[base_model] = depth
+
+    def watch_kv_cache(self, base_model: str, stats: Callable[[], KVCacheStats]) -> None:
+        self._kv_stats[base_model] = stats
 
     def record_call(self, base_model: str, kind: str, seconds: float, tokens: int) -> None:
         """One finished engine call of `kind` (forward_backward, optim_step, sample, ...)."""
@@ -74,6 +82,21 @@ class Metrics:
             family(
                 "tuft_xla_compile_seconds_total", "counter", "Time spent compiling.", [("", self._compile_seconds)]
             )
+            kv = {m: stats() for m, stats in sorted(self._kv_stats.items())}
+            blocks = [
+                (f'{{base_model="{m}",state="{state}"}}', float(getattr(k, state)))
+                for m, k in kv.items()
+                for state in ("used", "cached_idle", "free")
+            ]
+            family("tuft_kv_blocks", "gauge", "KV cache blocks by state (scratch excluded).", blocks)
+
+            def per_model(field: str) -> list[tuple[str, float]]:
+                return [(f'{{base_model="{m}"}}', float(getattr(k, field))) for m, k in kv.items()]
+
+            family("tuft_kv_block_bytes", "gauge", "Device bytes of one KV block (all layers).", per_model("bytes_per_block"))
+            family("tuft_kv_prefix_hit_blocks_total", "counter", "Prompt blocks reused from the prefix cache.", per_model("prefix_hits"))
+            family("tuft_kv_prefix_lookup_blocks_total", "counter", "Full prompt blocks looked up.", per_model("prefix_lookups"))
+            family("tuft_kv_preemptions_total", "counter", "Sequences preempted when KV blocks ran out.", per_model("preemptions"))
         return "\n".join(lines) + "\n"
 
 

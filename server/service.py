@@ -82,6 +82,7 @@ class Service:
         }
         for name, worker in self.workers.items():
             self.metrics.watch_queue(name, worker.queue_depth)
+            self.metrics.watch_kv_cache(name, worker.engine.kv_cache_stats)
 
     @staticmethod
     def of(request: Request) -> Service:

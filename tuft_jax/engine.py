@@ -26,16 +26,18 @@ from tuft_jax import adapters, checkpoints, layer_stack, losses, peft_export, st
 from tuft_jax.batching import build_train_batch
 from tuft_jax.decode_scheduler import DecodeScheduler, SampleJob
 from tuft_jax.errors import CapacityError, InputError, SlotsBusy
+from tuft_jax.kv_blocks import blocks_for
 from tuft_jax.layers import LoraForm
 from tuft_jax.multihost import Broadcaster, collective, to_host
 from tuft_jax.model_registry import BaseModelSpec
 from tuft_jax.models.decoder import LoraShape
 from tuft_jax.models.hf_weights import load_causal_lm
 from tuft_jax.optimizer import adamw_step, init_optimizer_state
+from tuft_jax.paged_attention import block_bytes
 from tuft_jax.sampler import MAX_STOP_IDS
-from tuft_jax.sharding import batch_sharding, make_mesh, place_like_params, replicated
+from tuft_jax.sharding import batch_sharding, kv_pool_sharding, make_mesh, place_like_params, replicated
 from tuft_jax.train_step import BatchArrays, accumulate, forward, forward_backward
-from tuft_jax.types import AdamParams, Datum, ForwardResult, LoraConfig, SampleResult, SamplingParams
+from tuft_jax.types import AdamParams, Datum, ForwardResult, KVCacheStats, LoraConfig, SampleResult, SamplingParams
 
 MAX_SAMPLES_PER_REQUEST = 128
 MAX_TEMPERATURE = 100.0
@@ -43,7 +45,11 @@ MAX_TEMPERATURE = 100.0
 MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 1024
 DECODE_ROWS = 32
-"""Sequences decoded together (continuous batching); each holds a KV cache of up to the context length."""
+"""Most sequences decoded together (continuous batching); the KV blocks they hold are what bounds them."""
+KV_MEMORY_FRACTION = 0.5
+"""Without `kv_cache_tokens`, the KV pool takes at most this share of the device memory free
+after the weights are loaded (the rest is left to training steps), and never more than
+`decode_rows` full-length sequences need."""
 DECODE_CHUNK = 16
 """Tokens decoded per row between two visits of the host (admissions, stop strings, training jobs)."""
 
@@ -79,11 +85,14 @@ class Engine:
         decode_rows: int = DECODE_ROWS,
         decode_chunk: int = DECODE_CHUNK,
         step_memory_bytes: int | None = None,
+        kv_cache_tokens: int | None = None,
     ) -> None:
         """`step_memory_bytes` caps what one training pass may allocate beyond the resident
-        state (default: the devices' free memory, read before each new batch shape)."""
+        state (default: the devices' free memory, read before each new batch shape);
+        `kv_cache_tokens` sizes the sampler's KV pool (default: the spec's, else
+        `KV_MEMORY_FRACTION`)."""
         self.spec = spec
-        self.mesh = make_mesh() if mesh is None else mesh
+        self.mesh = make_mesh(tp=spec.tensor_parallel) if mesh is None else mesh
         self.name = spec.name
         self.max_context_length = spec.max_context_length
         self.max_lora_rank = spec.max_lora_rank
@@ -108,6 +117,7 @@ class Engine:
         eos = self.config.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.eos_token_id = int(eos[0])
         self.vocab_size = self.config.vocab_size
+        self._weights_version: dict[int, int] = {}
         self.decoder = DecodeScheduler(
             self.graphdef,
             lambda: (self.base, self.lora),
@@ -118,7 +128,10 @@ class Engine:
             rows=decode_rows,
             chunk=decode_chunk,
             max_length=spec.max_context_length,
+            kv_blocks=self._kv_blocks(kv_cache_tokens or spec.kv_cache_tokens, decode_rows, dtype),
+            weights_version=lambda adapter: self._weights_version.get(adapter, 0),
             placement=replicated(self.mesh),
+            pool_placement=kv_pool_sharding(self.mesh, self.config.num_kv_heads),
         )
         self._release_when_idle: set[int] = set()
         self._slots_wanted = False
@@ -127,6 +140,24 @@ class Engine:
         self.broadcaster: Broadcaster | None = None
         self._sample_callbacks: dict[int, Callable[[SampleResult | None, BaseException | None], None]] = {}
         self._requests = itertools.count()
+
+    def _kv_blocks(self, tokens: int | None, rows: int, dtype: jnp.dtype) -> int:
+        """Blocks of the KV pool (scratch included): `tokens` if given, else what `rows`
+        full-length sequences need, capped by KV_MEMORY_FRACTION of the free memory per device;
+        at least one full-length sequence and a partial-block copy (see `DecodeScheduler`)."""
+        cfg = self.config
+        per_block = block_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+        longest = blocks_for(self.max_context_length) + 1
+        if tokens is not None:
+            return max(blocks_for(tokens), longest) + 1
+        shards = self.mesh.shape["tp"] if cfg.num_kv_heads % self.mesh.shape["tp"] == 0 else 1
+        free = step_plan.free_device_bytes(list(self.mesh.local_devices))
+        affordable = int(KV_MEMORY_FRACTION * free) // max(1, per_block // shards)
+        return max(min(rows * longest, affordable), longest) + 1
+
+    def kv_cache_stats(self) -> KVCacheStats:
+        """KV blocks used, idle in the prefix cache and free; bytes per block; prefix-cache hits."""
+        return self.decoder.kv_stats()
 
     # ---- adapters -------------------------------------------------------------------------
     #
@@ -367,6 +398,7 @@ class Engine:
         )
         self.lora, self.opt_state, self.grads, norm = adamw_step(self.lora, self.opt_state, self.grads, jnp.int32(slot), hyper)
         self.steps[adapter] = self.steps.get(adapter, 0) + 1
+        self._weights_version[adapter] = self._weights_version.get(adapter, 0) + 1
         return {"grad_norm:mean": float(to_host(norm))}
 
     # ---- checkpoints ----------------------------------------------------------------------

@@ -3,10 +3,10 @@
 Every variable of the stacked module carries a layer axis: base weights and norms lead with it
 ([L, ...]); LoRA weights keep the slot axis first ([slots, L, ...]), so one adapter's state is
 still `x[slot]` wherever adapters are parked, stepped or saved, and that slice leads with the
-layer axis like the base weights. The layers run under `jax.lax.scan`: one compiled body
-however deep the model, and with `remat` the backward pass recomputes each layer from its input
-instead of keeping its activations (the residual stream, [B, T, D] per layer, is all that is
-saved between the forward and backward passes).
+layer axis like the base weights. The layers run under `jax.lax.scan`: one compiled body however
+deep the model, and with `remat` the backward pass recomputes each layer from its input instead
+of keeping its activations (the residual stream, [B, T, D] per layer, is all that is saved
+between the forward and backward passes).
 
 Outside the engine (Hugging Face checkpoints, PEFT adapters, tests) a layer is named by its
 index, `model.layers.3.mlp.up_proj`: `unstack` and `stack` convert at that boundary.
@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tuft_jax.layers import AdapterBatch, KVCache
+from tuft_jax.layers import AdapterBatch
+from tuft_jax.paged_attention import KVPool, PagedView
 
 STACK = "layers"
 """The path element (the decoder's attribute name) of the stacked layer module."""
@@ -41,7 +42,7 @@ def stacked(make: Callable[[], nnx.Module], num_layers: int) -> nnx.Module:
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
-LayerStep = Callable[[nnx.Module, jax.Array, AdapterBatch, KVCache | None], tuple[jax.Array, KVCache | None]]
+LayerStep = Callable[[nnx.Module, jax.Array, AdapterBatch, PagedView | None], tuple[jax.Array, PagedView | None]]
 
 
 def scan_layers(
@@ -49,49 +50,33 @@ def scan_layers(
     step: LayerStep,
     x: jax.Array,
     adapters: AdapterBatch,
-    caches: KVCache | None,
+    cache: PagedView | None,
     remat: bool,
-) -> tuple[jax.Array, KVCache | None]:
+) -> tuple[jax.Array, PagedView | None]:
     """Runs `step(layer, x, adapters, cache)` for each layer in order.
 
-    `caches` (when decoding) is one [B, L, S, kv_heads, head_dim] cache for all layers; the step
-    sees and returns its layer's [B, S, ...] view. The LoRA layer axis is moved to the front to
-    be scanned (a copy of the LoRA weights the batch can read: one slot for a `single`-form
-    training batch, see `train_step`).
+    With a paged KV cache (sampling) the step sees it with its layer index set, and the pool is
+    carried from layer to layer; each layer's LoRA weights are sliced from the stack inside the
+    body. Without one (training, differentiated) the LoRA layer axis is moved to the front and
+    scanned with the base weights (a copy of the LoRA weights the batch can read: one slot for
+    a `single`-form batch, see `train_step`), so each layer's gradients come out of the scan.
     """
     graphdef, lora, base = nnx.split(layers, nnx.LoRAParam, ...)
-    lora = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), lora)
+    scanned = (jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), lora), base) if cache is None else (None, base)
 
-    def body(carry: tuple[jax.Array, KVCache | None, jax.Array], xs: tuple[nnx.State, nnx.State]):
-        h, cache, i = carry
+    def body(carry: tuple[jax.Array, KVPool | None, jax.Array], xs: tuple[nnx.State | None, nnx.State]):
+        h, pool, i = carry
         layer_lora, layer_base = xs
-        layer = nnx.merge(graphdef, layer_lora, jax.tree.map(from_stored, layer_base))
-        view = None if cache is None else KVCache(*(jax.lax.dynamic_index_in_dim(c, i, 1, keepdims=False) for c in cache))
-        h, view = step(layer, h, adapters, view)
-        if cache is not None:
-            cache = KVCache(*(jax.lax.dynamic_update_index_in_dim(c, u, i, 1) for c, u in zip(cache, view, strict=True)))
-        return (h, cache, i + 1), None
+        if layer_lora is None:
+            layer_lora = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 1, keepdims=False), lora)
+        view = None if cache is None else cache._replace(pool=pool, layer=i)
+        h, view = step(nnx.merge(graphdef, layer_lora, layer_base), h, adapters, view)
+        return (h, None if view is None else view.pool, i + 1), None
 
     if remat:
         body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
-    (x, caches, _), _ = jax.lax.scan(body, (x, caches, jnp.int32(0)), (lora, base))
-    return x, caches
-
-
-def stored_dtype(path: tuple, dtype: jnp.dtype) -> jnp.dtype:
-    """The dtype a base weight is held in: a bf16 leaf of the layer stack as its uint16 bits.
-
-    XLA:CPU runs a bf16 dynamic slice in f32 and hoists the conversion of the whole operand out
-    of the loop, an f32 copy of every layer's weights (30 GB for Qwen3-8B); converting the stack
-    to bits inside the step would copy it instead (15 GB). Bits held from loading are sliced as
-    they are, and the scan body turns its layer's slice back into bf16 (`from_stored`).
-    """
-    in_stack = STACK in [str(p) for p in path]
-    return jnp.dtype(jnp.uint16) if in_stack and jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
-
-
-def from_stored(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+    (x, pool, _), _ = jax.lax.scan(body, (x, None if cache is None else cache.pool, jnp.int32(0)), scanned)
+    return x, None if cache is None else cache._replace(pool=pool)
 
 
 def _split_path(path: tuple) -> tuple[tuple, tuple] | None:

@@ -3,7 +3,8 @@
 
 LoRA weights carry a leading slot axis so one compiled graph serves any mix of adapters: each
 example names its slot, and the per-example scale (alpha / rank, or 0 for an untrained target)
-comes in with the batch.
+comes in with the batch. Base weights may be held as bf16 bits (`tuft_jax.stored_dtype`):
+every reader takes them through `from_stored`.
 """
 
 from __future__ import annotations
@@ -14,16 +15,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tuft_jax.stored_dtype import from_stored
+
 
 LORA_GROUPS = ("attn", "mlp", "unembed")
 
 
-LoraForm = Literal["single", "per_row", "grouped"]
+LoraForm = Literal["single", "per_row", "every_slot", "grouped"]
 """How a batch's LoRA deltas are computed (a static choice, one compiled variant each):
 
 - `single`: every row with a nonzero scale uses one slot: plain matmuls on that slot's A and B;
 - `per_row`: each row gathers its own A and B (BGMV): cost O(rows x in x rank) beyond the
   matmuls, the form for decode steps and for mixed batches where no grouped matmul exists;
+- `every_slot`: every token through every slot's A at once, keeping only its own slot's rank
+  block, then one product with every slot's B over the joint [slots x rank] axis: reads each
+  slot's weights once however many rows there are, the form for decode steps with more rows
+  than slots (a per-row gather would copy rows x the weights);
 - `grouped`: tokens sorted by slot through `ragged_dot` (a grouped GEMM on accelerators;
   XLA:CPU expands it into one dense product per slot).
 """
@@ -41,13 +48,6 @@ class AdapterBatch(NamedTuple):
         return self.scales[:, LORA_GROUPS.index(group)]
 
 
-class KVCache(NamedTuple):
-    """Keys and values: [B, S, kv_heads, head_dim] for one layer, [B, L, S, ...] for a layer stack."""
-
-    k: jax.Array
-    v: jax.Array
-
-
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype) -> None:
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
@@ -56,7 +56,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+        return (normed * from_stored(self.weight[...]).astype(jnp.float32)).astype(x.dtype)
 
 
 class LoraDelta(nnx.Module):
@@ -80,6 +80,11 @@ class LoraDelta(nnx.Module):
             a = self.lora_a[...][adapters.slots].astype(x.dtype)
             low = jnp.einsum("btd,bdr->btr", x, a) * scale
             return jnp.einsum("btr,bro->bto", low, self.lora_b[...][adapters.slots].astype(x.dtype))
+        if adapters.form == "every_slot":
+            slots = self.lora_a.shape[0]
+            low = jnp.einsum("btd,sdr->btsr", x, self.lora_a[...].astype(x.dtype))
+            own = (jnp.arange(slots) == adapters.slots[:, None]).astype(x.dtype) * scale[:, :, 0]
+            return jnp.einsum("btsr,sro->bto", low * own[:, None, :, None], self.lora_b[...].astype(x.dtype))
         b, t, d = x.shape
         num_slots = self.lora_a.shape[0]
         token_slots = jnp.repeat(adapters.slots, t)
@@ -101,7 +106,7 @@ class LoraLinear(nnx.Module):
         self.lora = LoraDelta(in_features, out_features, slots=slots, rank=rank, group=group)
 
     def __call__(self, x: jax.Array, adapters: AdapterBatch) -> jax.Array:
-        return x @ self.weight[...] + self.lora(x, adapters)
+        return x @ from_stored(self.weight[...]) + self.lora(x, adapters)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
@@ -113,12 +118,3 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     x32 = x.astype(jnp.float32)
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
     return (x32 * cos + rotated * sin).astype(x.dtype)
-
-
-def write_cache(cache: KVCache, k: jax.Array, v: jax.Array, start: jax.Array) -> KVCache:
-    """Writes T new keys/values per row at that row's start position."""
-
-    def row(buf: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (at, 0, 0))
-
-    return KVCache(jax.vmap(row)(cache.k, k, start), jax.vmap(row)(cache.v, v, start))

@@ -19,7 +19,7 @@ ModelFamily = Literal["qwen3", "llama"]
 ModelDtype = Literal["float32", "bfloat16"]
 
 _REQUIRED_KEYS = ("name", "path", "max_context_length", "max_lora_rank", "max_adapters")
-_OPTIONAL_KEYS = ("dtype",)
+_OPTIONAL_KEYS = ("dtype", "kv_cache_tokens", "tensor_parallel")
 _LIMIT_KEYS = ("max_context_length", "max_lora_rank", "max_adapters")
 
 
@@ -38,6 +38,11 @@ class BaseModelSpec:
     max_adapters: int
     dtype: ModelDtype = "float32"
     family: ModelFamily = field(kw_only=True)
+    kv_cache_tokens: int | None = field(default=None, kw_only=True)
+    """Tokens the sampler's KV pool holds (None: see `Engine`, sized from free device memory)."""
+    tensor_parallel: int = field(default=1, kw_only=True)
+    """Devices each layer's heads, MLP width and KV pool are split over (the mesh's tp axis);
+    the rest of the devices form the fsdp axis."""
 
 
 def detect_family(model_dir: Path) -> ModelFamily:
@@ -91,6 +96,14 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> BaseModelSpec:
     dtype = entry.get("dtype", "float32")
     if dtype not in get_args(ModelDtype):
         raise ValueError(f"{where}: dtype must be one of {', '.join(get_args(ModelDtype))}, got {dtype!r}")
+    kv_tokens = entry.get("kv_cache_tokens")
+    if kv_tokens is not None and (isinstance(kv_tokens, bool) or not isinstance(kv_tokens, int) or kv_tokens <= 0):
+        raise ValueError(f"{where}: kv_cache_tokens must be a positive integer, got {kv_tokens!r}")
+    if kv_tokens is not None and kv_tokens < entry["max_context_length"]:
+        raise ValueError(f"{where}: kv_cache_tokens ({kv_tokens}) must hold one max_context_length sequence")
+    tp = entry.get("tensor_parallel", 1)
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp <= 0:
+        raise ValueError(f"{where}: tensor_parallel must be a positive integer, got {tp!r}")
     if not isinstance(entry["path"], str) or not entry["path"]:
         raise ValueError(f"{where}: path must be a non-empty string")
 
@@ -109,6 +122,8 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> BaseModelSpec:
         max_adapters=entry["max_adapters"],
         dtype=dtype,
         family=family,
+        kv_cache_tokens=kv_tokens,
+        tensor_parallel=tp,
     )
 
 

@@ -1,15 +1,15 @@
-"""Device side of sampling: prefill of newly admitted requests and a chunked decode loop over a
-fixed set of decode rows, reading the same parameter pytree as training.
+"""Device side of sampling over the paged KV cache: prompt chunks written into the pool, rows
+started from them, and a chunked decode loop over a fixed set of decode rows, reading the same
+parameter pytree as training.
 
-`DecodeState` holds R rows. Each row has its own slice of the per-layer KV cache, adapter slot,
-sampling controls, PRNG key, token budget and stop ids, so rows of many requests and adapters
-decode together and a row can be refilled as soon as its sequence ends (see
-`tuft_jax.decode_scheduler`). Rows never interact: a row attends only to its own cache and draws
-token g from `fold_in(row_key, g)`, so what it produces does not depend on its neighbours.
-
-The cache length is the third axis of the [rows, layers, length, ...] cache; the scheduler resizes it in length buckets to what
-the live rows need, so a step attends over roughly the longest live sequence rather than the
-model's whole context. Every call donates the state.
+`DecodeState` holds R rows. Each row has its own adapter slot, sampling controls, PRNG key,
+token budget and stop ids; its keys and values live in the shared block pool
+(`tuft_jax.paged_attention`) under the block table the host passes with every call, so rows of
+many requests and adapters decode together and a row can be refilled as soon as its sequence
+ends (see `tuft_jax.decode_scheduler`). Rows never interact: a row attends only to its own
+blocks (blocks it shares hold the same prompt for every sharer and are never written again),
+and draws token g from `fold_in(row_key, g)`, so what it produces does not depend on its
+neighbours. Every call that changes the pool or the rows donates them.
 """
 
 from __future__ import annotations
@@ -22,19 +22,24 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tuft_jax.chunking import CHUNK_TOKENS, map_chunks
-from tuft_jax.layers import AdapterBatch, KVCache
+from tuft_jax.layers import AdapterBatch, LoraForm
+from tuft_jax.paged_attention import KVPool, PagedView, copy_blocks
 
 MAX_STOP_IDS = 32
 """Stop token ids a request may give (EOS included)."""
 
+PREFILL_CHUNK_TOKENS = 2048
+"""Prompt tokens (over all prompts of a chunk) run through the layers in one call: a longer
+prompt is prefilled over several scheduler steps, each attending to the blocks the earlier
+ones wrote, so one layer's activations are those of a chunk and running rows decode between
+chunks."""
+
 
 @dataclass(frozen=True)
 class DecodeState:
-    """Per-row decoding state ([R] unless noted); `token` is the last sampled token, which the
-    next step feeds at `position`; `done` rows (finished or free) are carried but not advanced."""
+    """Per-row decoding state [R]; `token` is the last sampled token, which the next step feeds at
+    `position`; `done` rows (finished or free) are carried but not advanced."""
 
-    caches: KVCache
-    """[R, L, S, kv_heads, head_dim]."""
     token: jax.Array
     position: jax.Array
     generated: jax.Array
@@ -54,17 +59,49 @@ jax.tree_util.register_dataclass(DecodeState)
 
 
 @dataclass(frozen=True)
-class Admission:
-    """Requests entering the decode rows: U distinct prompts ([U, W], right-padded), each with
-    its adapter, and R entries (one per sample) saying which prompt they continue and which
-    decode row they take; entries with row == R are padding and change nothing."""
+class PromptChunk:
+    """The next tokens of U prompts ([U, C], right-padded): `length` of them are real and the
+    first is at position `start`; each prompt's block table [U, M], adapter slot and scales, and
+    the token that follows each position (for prompt scores; anything past the prompt)."""
 
-    prompts: jax.Array
-    prompt_len: jax.Array
-    prompt_slots: jax.Array
-    prompt_scales: jax.Array
-    source: jax.Array
+    tokens: jax.Array
+    start: jax.Array
+    length: jax.Array
+    tables: jax.Array
+    slots: jax.Array
+    scales: jax.Array
+    next_tokens: jax.Array
+
+
+jax.tree_util.register_dataclass(PromptChunk)
+
+
+@dataclass(frozen=True)
+class ChunkScores:
+    """What a prompt chunk computed: fp32 logits [U, V] after each prompt's last real token of
+    the chunk, and (when asked) the logprob of each next token [U, C] and the top-k alternatives."""
+
+    last_logits: jax.Array
+    prompt_logprobs: jax.Array | None
+    topk_ids: jax.Array | None
+    topk_logprobs: jax.Array | None
+
+
+jax.tree_util.register_dataclass(ChunkScores)
+
+
+@dataclass(frozen=True)
+class RowStart:
+    """R entries (one per sample; `rows` == R marks padding) entering decode rows after their
+    prompt was prefilled: which prompt's logits they draw from (`source`), their controls, the
+    position their first token is fed at, and a block copy each (`copy_src` -> `copy_dst`, the
+    copy on write of a shared partial prompt block; 0 -> 0 copies scratch). A resumed sequence
+    (`resume_token` >= 0) takes that token and its `generated` count instead of drawing."""
+
     rows: jax.Array
+    source: jax.Array
+    slots: jax.Array
+    scales: jax.Array
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
@@ -73,37 +110,23 @@ class Admission:
     sample_index: jax.Array
     max_tokens: jax.Array
     stop_ids: jax.Array
+    position: jax.Array
+    resume_token: jax.Array
+    generated: jax.Array
+    copy_src: jax.Array
+    copy_dst: jax.Array
 
 
-jax.tree_util.register_dataclass(Admission)
+jax.tree_util.register_dataclass(RowStart)
 
 
-@dataclass(frozen=True)
-class Prefilled:
-    """What prefill computed: the prompts' caches, each entry's first token, and prompt scores."""
-
-    caches: KVCache
-    keys: jax.Array
-    token: jax.Array
-    logprob: jax.Array
-    done: jax.Array
-    prompt_logprobs: jax.Array | None
-    topk_ids: jax.Array | None
-    topk_logprobs: jax.Array | None
-
-
-jax.tree_util.register_dataclass(Prefilled)
-
-
-def init_state(num_layers: int, rows: int, length: int, kv_heads: int, head_dim: int, dtype: jnp.dtype) -> DecodeState:
-    """R free rows (all done) with a zero cache of `length` positions."""
-    shape = (rows, num_layers, length, kv_heads, head_dim)
+def init_state(rows: int) -> DecodeState:
+    """R free rows (all done)."""
 
     def zeros_i() -> jax.Array:  # a distinct buffer per field, as every field is donated
         return jnp.zeros((rows,), jnp.int32)
 
     return DecodeState(
-        caches=KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)),
         token=zeros_i(),
         position=zeros_i(),
         generated=zeros_i(),
@@ -180,133 +203,113 @@ def _prompt_scores(
     model: nnx.Module,
     hidden: jax.Array,
     adapters: AdapterBatch,
-    prompts: jax.Array,
+    next_tokens: jax.Array,
     topk: int,
     chunk_tokens: int = CHUNK_TOKENS,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-    """Logprob of each prompt token given its prefix (NaN at position 0) and the top-k
-    alternatives at each position (row p - 1 scores position p), from logits computed chunk by
-    chunk over the prompt (`map_chunks`) rather than [U, W, V] at once."""
+    """Logprob of the token after each position (`next_tokens` [U, C]) and the top-k
+    alternatives there, from logits computed chunk by chunk (`map_chunks`) rather than
+    [U, C, V] at once."""
 
-    def chunk_scores(h: jax.Array, next_tokens: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    def chunk_scores(h: jax.Array, following: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
         log_probs = jax.nn.log_softmax(model.logits(h, adapters), axis=-1)
-        chosen = jnp.take_along_axis(log_probs, next_tokens[..., None], axis=-1)[..., 0]
+        chosen = jnp.take_along_axis(log_probs, jnp.maximum(following, 0)[..., None], axis=-1)[..., 0]
         if topk == 0:
             return chosen, None, None
         top_lp, top_ids = jax.lax.top_k(log_probs, topk)
         return chosen, top_ids, top_lp
 
-    chosen, top_ids, top_lp = map_chunks(chunk_scores, (hidden[:, :-1], prompts[:, 1:]), chunk_tokens)
-    scores = jnp.concatenate([jnp.full((prompts.shape[0], 1), jnp.nan, jnp.float32), chosen], axis=1)
-    return scores, top_ids, top_lp
+    return map_chunks(chunk_scores, (hidden, next_tokens), chunk_tokens)
 
 
-PREFILL_CHUNK_TOKENS = 2048
-"""Prompt tokens (over all prompts of an admission) run through the layers at once: a longer
-prefill goes chunk by chunk, each chunk attending to the cache the earlier ones wrote, so one
-layer's activations are those of a chunk, not of the whole prompt."""
+def prefill_width(remaining: int, prompts: int, chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> int:
+    """Tokens per prompt in the next chunk: all that remain, up to chunk_tokens // prompts."""
+    return max(1, min(remaining, chunk_tokens // prompts))
 
 
-def prefill_chunks(width: int, prompts: int, chunk_tokens: int) -> int:
-    """How many equal chunks a prefill of `prompts` x `width` tokens runs in: the fewest whose
-    chunks hold at most max(1, chunk_tokens // prompts) positions and divide `width` evenly
-    (widths are length buckets, so a near divisor exists)."""
-    most = max(1, chunk_tokens // prompts)
-    n = -(-width // most)
-    while width % n:
-        n += 1
-    return n
-
-
-def _run_prompts(
-    model: nnx.Module, prompts: jax.Array, adapters: AdapterBatch, caches: KVCache, chunk_tokens: int
-) -> tuple[jax.Array, KVCache]:
-    """Hidden states [U, W, D] of the prompts and their filled caches, in `prefill_chunks` chunks."""
-    u, width = prompts.shape
-    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (u, width))
-    n = prefill_chunks(width, u, chunk_tokens)
-    if n == 1:
-        return model(prompts, positions, adapters, caches)
-
-    def chunk(caches: KVCache, xs: tuple[jax.Array, jax.Array]) -> tuple[KVCache, jax.Array]:
-        hidden, caches = model(*xs, adapters, caches)
-        return caches, hidden
-
-    def split(x: jax.Array) -> jax.Array:
-        return jnp.moveaxis(x.reshape(u, n, width // n), 1, 0)
-
-    caches, hidden = jax.lax.scan(chunk, caches, (split(prompts), split(positions)))
-    return jnp.moveaxis(hidden, 0, 1).reshape(u, width, -1), caches
-
-
-@partial(jax.jit, static_argnames=("graphdef", "score_prompt", "topk_prompt", "chunk_tokens"))
+@partial(jax.jit, static_argnames=("graphdef", "score_prompt", "topk_prompt", "tile_blocks"), donate_argnames=("pool",))
 def prefill(
     graphdef: nnx.GraphDef,
     base: nnx.State,
     lora: nnx.State,
-    adm: Admission,
+    pool: KVPool,
+    chunk: PromptChunk,
     score_prompt: bool,
     topk_prompt: int,
-    chunk_tokens: int = PREFILL_CHUNK_TOKENS,
-) -> Prefilled:
-    """Runs the U prompts (in chunks of about `chunk_tokens` tokens), and draws each entry's
-    first token from its prompt's last position."""
+    tile_blocks: int,
+) -> tuple[KVPool, ChunkScores]:
+    """Runs a chunk of U prompts through the layers, writing their keys and values into their
+    blocks (attending to what earlier chunks wrote there, `tile_blocks` at a time), and scores
+    its last real tokens."""
     model = nnx.merge(graphdef, base, lora)
-    adapters = AdapterBatch(adm.prompt_slots, adm.prompt_scales, form="per_row")  # at most R prompts
-    u, width = adm.prompts.shape
-    caches = model.init_caches(u, width, base["model"]["embed_tokens"]["weight"].dtype)
-    hidden, caches = _run_prompts(model, adm.prompts, adapters, caches, chunk_tokens)
-    last = jnp.take_along_axis(hidden, (adm.prompt_len - 1)[:, None, None], axis=1)
-    logits = model.logits(last, adapters)[:, 0][adm.source]
-    keys = _row_keys(adm.seeds, adm.sample_index)
-    token, logprob = draw(logits, keys, jnp.zeros_like(adm.sample_index), adm.temperature, adm.top_k, adm.top_p)
-    done = _hits_stop(token, adm.stop_ids) | (adm.max_tokens <= 1)
+    adapters = AdapterBatch(chunk.slots, chunk.scales, form="per_row")  # at most R prompts
+    index = jnp.arange(chunk.tokens.shape[1], dtype=jnp.int32)
+    keep = index < chunk.length[:, None]
+    positions = chunk.start[:, None] + jnp.where(keep, index, 0)
+    hidden, view = model(chunk.tokens, positions, adapters, PagedView(pool, chunk.tables, keep, tile_blocks))
+    last = jnp.take_along_axis(hidden, (jnp.maximum(chunk.length, 1) - 1)[:, None, None], axis=1)
     scores = (None, None, None)
     if score_prompt:
-        scores = _prompt_scores(model, hidden, adapters, adm.prompts, topk_prompt)
-    return Prefilled(caches, keys, token, logprob, done, *scores)
+        scores = _prompt_scores(model, hidden, adapters, chunk.next_tokens, topk_prompt)
+    return view.pool, ChunkScores(model.logits(last, adapters)[:, 0], *scores)
 
 
-@partial(jax.jit, donate_argnames=("state",))
-def insert(state: DecodeState, adm: Admission, pre: Prefilled) -> DecodeState:
-    """Moves admitted entries into their decode rows: cache prefix, first token and controls."""
-    rows, src = adm.rows, adm.source
-    width = pre.caches.k.shape[2]
+@partial(jax.jit, donate_argnames=("pool", "state"))
+def start(
+    pool: KVPool, state: DecodeState, logits: jax.Array, entries: RowStart
+) -> tuple[KVPool, DecodeState, jax.Array, jax.Array, jax.Array]:
+    """Moves entries into their decode rows: copies their partial prompt blocks and draws each new
+    entry's first token from its prompt's logits [U, V]. Returns the pool, the rows, and each
+    entry's first token, its logprob and whether that already ended it."""
+    pool = copy_blocks(pool, entries.copy_src, entries.copy_dst)
+    keys = _row_keys(entries.seeds, entries.sample_index)
+    zeros = jnp.zeros_like(entries.sample_index)
+    drawn, drawn_logprob = draw(logits[entries.source], keys, zeros, entries.temperature, entries.top_k, entries.top_p)
+    resumed = entries.resume_token >= 0
+    token = jnp.where(resumed, entries.resume_token, drawn)
+    logprob = jnp.where(resumed, 0.0, drawn_logprob)
+    done = ~resumed & (_hits_stop(drawn, entries.stop_ids) | (entries.max_tokens <= 1))
 
     def put(x: jax.Array, value: jax.Array) -> jax.Array:
-        return x.at[rows].set(value, mode="drop")
+        return x.at[entries.rows].set(value, mode="drop")
 
-    caches = KVCache(
-        *(c.at[rows, :, :width].set(p[src], mode="drop") for c, p in zip(state.caches, pre.caches, strict=True))
+    state = DecodeState(
+        token=put(state.token, token),
+        position=put(state.position, entries.position),
+        generated=put(state.generated, jnp.where(resumed, entries.generated, 1)),
+        max_tokens=put(state.max_tokens, entries.max_tokens),
+        slots=put(state.slots, entries.slots),
+        scales=put(state.scales, entries.scales),
+        temperature=put(state.temperature, entries.temperature),
+        top_k=put(state.top_k, entries.top_k),
+        top_p=put(state.top_p, entries.top_p),
+        keys=put(state.keys, keys),
+        stop_ids=put(state.stop_ids, entries.stop_ids),
+        done=put(state.done, done),
     )
-    return DecodeState(
-        caches=caches,
-        token=put(state.token, pre.token),
-        position=put(state.position, adm.prompt_len[src]),
-        generated=put(state.generated, jnp.ones_like(pre.token)),
-        max_tokens=put(state.max_tokens, adm.max_tokens),
-        slots=put(state.slots, adm.prompt_slots[src]),
-        scales=put(state.scales, adm.prompt_scales[src]),
-        temperature=put(state.temperature, adm.temperature),
-        top_k=put(state.top_k, adm.top_k),
-        top_p=put(state.top_p, adm.top_p),
-        keys=put(state.keys, pre.keys),
-        stop_ids=put(state.stop_ids, adm.stop_ids),
-        done=put(state.done, pre.done),
-    )
+    return pool, state, token, logprob, done
 
 
-def _decode_rows(model: nnx.Module, state: DecodeState, steps: int) -> tuple[DecodeState, jax.Array, jax.Array]:
-    adapters = AdapterBatch(state.slots, state.scales, form="per_row")  # one token per row: gather each row's LoRA
+def decode_form(rows: int, slots: int) -> LoraForm:
+    """A decode step feeds one token per row: per-row LoRA gathers while rows are fewer than the
+    slots, every slot at once beyond (reading each slot once, not once per row)."""
+    return "per_row" if rows < slots else "every_slot"
+
+
+def _decode_rows(
+    model: nnx.Module, pool: KVPool, state: DecodeState, tables: jax.Array, steps: int, form: LoraForm, tile: int
+) -> tuple[KVPool, DecodeState, jax.Array, jax.Array]:
+    adapters = AdapterBatch(state.slots, state.scales, form=form)
     rows = state.token.shape[0]
 
     def cond(carry):
-        i, *_, done, _, _ = carry
+        i, _, _, _, _, done, _, _ = carry
         return (i < steps) & ~jnp.all(done)
 
     def body(carry):
-        i, caches, token, position, generated, done, out_tokens, out_logprobs = carry
-        hidden, caches = model(token[:, None], position[:, None], adapters, caches)
+        i, pool, token, position, generated, done, out_tokens, out_logprobs = carry
+        view = PagedView(pool, tables, ~done[:, None], tile)
+        hidden, view = model(token[:, None], position[:, None], adapters, view)
         logits = model.logits(hidden, adapters)[:, 0]
         new, logprob = draw(logits, state.keys, generated, state.temperature, state.top_k, state.top_p)
         live = ~done
@@ -314,11 +317,11 @@ def _decode_rows(model: nnx.Module, state: DecodeState, steps: int) -> tuple[Dec
         out_logprobs = out_logprobs.at[:, i].set(jnp.where(live, logprob, 0.0))
         generated = generated + live
         done = done | (live & (_hits_stop(new, state.stop_ids) | (generated >= state.max_tokens)))
-        return i + 1, caches, jnp.where(live, new, token), position + live, generated, done, out_tokens, out_logprobs
+        return i + 1, view.pool, jnp.where(live, new, token), position + live, generated, done, out_tokens, out_logprobs
 
     init = (
         jnp.int32(0),
-        state.caches,
+        pool,
         state.token,
         state.position,
         state.generated,
@@ -326,42 +329,35 @@ def _decode_rows(model: nnx.Module, state: DecodeState, steps: int) -> tuple[Dec
         jnp.full((rows, steps), -1, jnp.int32),
         jnp.zeros((rows, steps), jnp.float32),
     )
-    _, caches, token, position, generated, done, out_tokens, out_logprobs = jax.lax.while_loop(cond, body, init)
-    new_state = replace(state, caches=caches, token=token, position=position, generated=generated, done=done)
-    return new_state, out_tokens, out_logprobs
+    _, pool, token, position, generated, done, out_tokens, out_logprobs = jax.lax.while_loop(cond, body, init)
+    new_state = replace(state, token=token, position=position, generated=generated, done=done)
+    return pool, new_state, out_tokens, out_logprobs
 
 
-@partial(jax.jit, static_argnames=("graphdef", "steps", "live_rows"), donate_argnames=("state",))
+@partial(jax.jit, static_argnames=("graphdef", "steps", "live_rows", "tile_blocks"), donate_argnames=("pool", "state"))
 def decode(
     graphdef: nnx.GraphDef,
     base: nnx.State,
     lora: nnx.State,
+    pool: KVPool,
     state: DecodeState,
+    tables: jax.Array,
     finish: jax.Array,
     steps: int,
     live_rows: int,
-) -> tuple[DecodeState, jax.Array, jax.Array]:
+    tile_blocks: int,
+) -> tuple[KVPool, DecodeState, jax.Array, jax.Array]:
     """Up to `steps` tokens for every live row (fewer once all are done), after ending the rows
-    in `finish`. Only the first `live_rows` rows are computed (every later row must be done), so
-    a lightly used batch costs what its live rows cost. Returns the new state and
-    [live_rows, steps] tokens and logprobs, -1 / 0 where a row was done."""
+    in `finish`; `tables` [R, M] are the rows' blocks, which must cover every position a live
+    row feeds in this call, and attention reads them `tile_blocks` at a time. Only the first
+    `live_rows` rows are computed (every later row must be done), so a lightly used batch costs
+    what its live rows cost. Returns the pool, the new state and [live_rows, steps] tokens and
+    logprobs, -1 / 0 where a row was done."""
     model = nnx.merge(graphdef, base, lora)
     state = replace(state, done=state.done | finish)
+    form = decode_form(live_rows, jax.tree.leaves(lora)[0].shape[0])
     if live_rows == state.token.shape[0]:
-        return _decode_rows(model, state, steps)
+        return _decode_rows(model, pool, state, tables, steps, form, tile_blocks)
     head = jax.tree.map(lambda x: x[:live_rows], state)
-    head, out_tokens, out_logprobs = _decode_rows(model, head, steps)
-    return jax.tree.map(lambda x, h: x.at[:live_rows].set(h), state, head), out_tokens, out_logprobs
-
-
-@partial(jax.jit, static_argnames=("length",))
-def resize(state: DecodeState, length: int) -> DecodeState:
-    """The same rows with a cache of `length` positions (cut or zero-extended at the end)."""
-
-    def fit(x: jax.Array) -> jax.Array:
-        current = x.shape[2]
-        if length <= current:
-            return x[:, :, :length]
-        return jnp.pad(x, ((0, 0), (0, 0), (0, length - current), (0, 0), (0, 0)))
-
-    return replace(state, caches=KVCache(fit(state.caches.k), fit(state.caches.v)))
+    pool, head, out_tokens, out_logprobs = _decode_rows(model, pool, head, tables[:live_rows], steps, form, tile_blocks)
+    return pool, jax.tree.map(lambda x, h: x.at[:live_rows].set(h), state, head), out_tokens, out_logprobs

@@ -74,3 +74,22 @@ class SampleResult:
     sequences: list[SampledSequence]
     prompt_logprobs: list[float] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass(frozen=True)
+class KVCacheStats:
+    """The sampler's paged KV cache, as `/metrics` shows it (blocks exclude the scratch block)."""
+
+    total: int
+    used: int
+    """Held by at least one sequence or request."""
+    cached_idle: int
+    """In the prefix cache and held by nobody (evicted first when blocks run out)."""
+    free: int
+    bytes_per_block: int
+    prefix_hits: int
+    """Blocks a prompt found in the prefix cache instead of computing."""
+    prefix_lookups: int
+    """Full prompt blocks looked up."""
+    preemptions: int = 0
+    """Sequences preempted because blocks ran out."""

@@ -33,10 +33,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model_shapes import SHAPES, model_dir
-from tuft_jax import layer_stack, sampler, train_step
+from tuft_jax import sampler, train_step
+from tuft_jax.kv_blocks import blocks_for
 from tuft_jax.models.decoder import CausalLM, DecoderConfig, LoraShape
 from tuft_jax.models.hf_config import config_from_hf
 from tuft_jax.optimizer import init_optimizer_state
+from tuft_jax.paged_attention import KVPool, init_pool, tile_blocks
+from tuft_jax.stored_dtype import stored_dtype
 
 DECODE_CHUNK = 16
 LOGITS_CHUNK = 1024
@@ -60,13 +63,9 @@ def sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
 
 
 def stored(base: nnx.State) -> nnx.State:
-    """The abstract base weights in the dtypes the engine holds them in (where it has that rule)."""
-    if not hasattr(layer_stack, "stored_dtype"):
-        return base
+    """The abstract base weights in the dtypes the engine holds them in."""
     leaves = nnx.to_flat_state(base)
-    return nnx.from_flat_state(
-        [(path, var.replace(sds(var.shape, layer_stack.stored_dtype(path, var.dtype)))) for path, var in leaves]
-    )
+    return nnx.from_flat_state([(path, var.replace(sds(var.shape, stored_dtype(var.dtype)))) for path, var in leaves])
 
 
 def nbytes(tree: Any) -> int:
@@ -98,15 +97,21 @@ def train_batch(b: int, t: int) -> train_step.BatchArrays:
     )
 
 
-def admission(u: int, width: int) -> sampler.Admission:
-    """U prompts of `width` tokens entering U decode rows (as `DecodeScheduler._admission` builds)."""
-    i32, f32 = jnp.int32, jnp.float32
-    return sampler.Admission(
-        prompts=sds((u, width), i32), prompt_len=sds((u,), i32), prompt_slots=sds((u,), i32),
-        prompt_scales=sds((u, 3), f32), source=sds((u,), i32), rows=sds((u,), i32), temperature=sds((u,), f32),
-        top_k=sds((u,), i32), top_p=sds((u,), f32), seeds=sds((u, 2), jnp.uint32), sample_index=sds((u,), i32),
-        max_tokens=sds((u,), i32), stop_ids=sds((u, sampler.MAX_STOP_IDS), i32),
-    )
+def prompt_chunk(b: int, t: int) -> sampler.PromptChunk:
+    """The last prefill chunk of B prompts of T tokens (as `DecodeScheduler._run_chunk` builds it):
+    each chunk of a prompt compiles to the same program, and the last attends to every block."""
+    i32 = jnp.int32
+    width = sampler.prefill_width(t, b)
+    return sampler.PromptChunk(
+        tokens=sds((b, width), i32), start=sds((b,), i32), length=sds((b,), i32),
+        tables=sds((b, blocks_for(t)), i32), slots=sds((b,), i32), scales=sds((b, 3), jnp.float32),
+        next_tokens=sds((b, width), i32),
+    )  # fmt: skip
+
+
+def kv_pool(cfg: DecoderConfig, b: int, t: int, dtype: Any) -> KVPool:
+    """A pool holding B sequences of T tokens (and the scratch block)."""
+    return jax.eval_shape(lambda: init_pool(cfg.num_layers, b * blocks_for(t) + 1, cfg.num_kv_heads, cfg.head_dim, dtype))
 
 
 def form_options(adapters: int, remat: bool) -> dict[str, Any]:
@@ -140,11 +145,18 @@ def lower(
             graphdef=graphdef, base=base, lora=lora, batch=train_batch(b, t), config={}, loss_fn="cross_entropy",
             **form_options(adapters, remat),
         )
+    pool = kv_pool(cfg, b, t, dtype)
+    tile = tile_blocks(t, b, cfg.num_kv_heads, cfg.head_dim)
     if mode == "prefill":
-        return sampler.prefill.lower(graphdef, base, lora, admission(b, t), score_prompt=False, topk_prompt=0)
-    init = functools.partial(sampler.init_state, cfg.num_layers, b, t, cfg.num_kv_heads, cfg.head_dim, dtype)
-    finish = sds((b,), jnp.bool_)
-    return sampler.decode.lower(graphdef, base, lora, jax.eval_shape(init), finish, steps=DECODE_CHUNK, live_rows=b)
+        chunk = prompt_chunk(b, t)
+        return sampler.prefill.lower(
+            graphdef, base, lora, pool, chunk, score_prompt=False, topk_prompt=0, tile_blocks=tile
+        )
+    state = jax.eval_shape(functools.partial(sampler.init_state, b))
+    tables, finish = sds((b, blocks_for(t)), jnp.int32), sds((b,), jnp.bool_)
+    return sampler.decode.lower(
+        graphdef, base, lora, pool, state, tables, finish, steps=DECODE_CHUNK, live_rows=b, tile_blocks=tile
+    )
 
 
 def cpu_f32_param_copies(compiled: jax.stages.Compiled) -> int:

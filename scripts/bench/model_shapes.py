@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,26 @@ def explicit_shape(
         tie_word_embeddings=False,
     )  # fmt: skip
     return name
+
+
+_DIMS = ("hidden", "intermediate", "layers", "heads", "kv-heads", "head-dim", "vocab")
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """--shape (a named shape), or the seven dimensions of an explicit one."""
+    parser.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES])
+    for dim in _DIMS:
+        parser.add_argument(f"--{dim}", type=int, help="an explicit shape (all seven together; overrides --shape)")
+
+
+def shape_from_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The shape `add_shape_arguments`' arguments name (an explicit one registered in SHAPES)."""
+    explicit = [getattr(args, dim.replace("-", "_")) for dim in _DIMS]
+    if all(v is None for v in explicit):
+        return args.shape
+    if None in explicit:
+        parser.error("an explicit shape needs all of --" + ", --".join(_DIMS))
+    return explicit_shape(*explicit)
 
 
 def model_dir(shape: str, cache_dir: Path) -> Path:

@@ -7,12 +7,15 @@ transformers. Our engine samples through the base slot, so the multi-LoRA path r
 in service. Usage:
     python scripts/bench/sampling.py                      # tiny model, batch 1 and 32
     python scripts/bench/sampling.py --shape qwen3-0.6b --dtype bfloat16 --batch 1 8 64
+    python scripts/bench/sampling.py --hidden 512 --intermediate 1536 --layers 8 --heads 8 \
+        --kv-heads 4 --head-dim 64 --vocab 8192 --batch 32      # the mid-size explicit shape
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -21,36 +24,42 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from model_shapes import model_dir
+from model_shapes import add_shape_arguments, model_dir, shape_from_arguments
 
 from tuft_jax.engine import Engine
 from tuft_jax.model_registry import BaseModelSpec
 from tuft_jax.types import SampleResult, SamplingParams
 
 
-def prompts(batch: int, length: int, vocab: int) -> np.ndarray:
-    return np.random.default_rng(0).integers(0, min(vocab, 400), size=(batch, length)).astype(np.int32)
+def prompts(batch: int, length: int, vocab: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, min(vocab, 400), size=(batch, length)).astype(np.int32)
+
+
+Run = Callable[[np.ndarray], list[list[int]]]
 
 
 def timed_alternately(
-    runs: dict[str, Callable[[], list[list[int]]]], repeats: int
+    runs: dict[str, Run], make_prompts: Callable[[int], np.ndarray], repeats: int
 ) -> dict[str, tuple[float, list[list[int]]]]:
     """Median wall time of each run over `repeats` rounds, after a warm-up round (compiles); the
-    runs alternate within a round, so a change in machine load affects them alike."""
-    outputs = {name: run() for name, run in runs.items()}
+    runs alternate within a round, so a change in machine load affects them alike. Each round
+    has new prompts (the same for every run), so no run reuses what an earlier round computed
+    (our prefix cache would)."""
+    outputs = {name: run(make_prompts(0)) for name, run in runs.items()}
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
+    for round_index in range(1, repeats + 1):
+        batch = make_prompts(round_index)
         for name, run in runs.items():
             start = time.perf_counter()
-            outputs[name] = run()
+            outputs[name] = run(batch)
             times[name].append(time.perf_counter() - start)
     return {name: (statistics.median(times[name]), outputs[name]) for name in runs}
 
 
-def ours(engine: Engine, batch: np.ndarray, max_tokens: int) -> Callable[[], list[list[int]]]:
+def ours(engine: Engine, max_tokens: int) -> Run:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)  # no stop ids: exactly max_tokens
 
-    def run() -> list[list[int]]:
+    def run(batch: np.ndarray) -> list[list[int]]:
         results: list[SampleResult | None] = [None] * len(batch)
         for i, row in enumerate(batch):
 
@@ -66,9 +75,7 @@ def ours(engine: Engine, batch: np.ndarray, max_tokens: int) -> Callable[[], lis
     return run
 
 
-def transformers_generate(
-    directory: Path, batch: np.ndarray, max_tokens: int, dtype: str
-) -> Callable[[], list[list[int]]]:
+def transformers_generate(directory: Path, max_tokens: int, dtype: str) -> Run:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -76,10 +83,10 @@ def transformers_generate(
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype).to(device).eval()
     model.generation_config.eos_token_id = None  # no stop: exactly max_tokens (min_new_tokens would mask EOS)
-    ids = torch.as_tensor(batch, dtype=torch.long, device=device)
     config = GenerationConfig(do_sample=False, max_new_tokens=max_tokens, eos_token_id=None, pad_token_id=0)
 
-    def run() -> list[list[int]]:
+    def run(batch: np.ndarray) -> list[list[int]]:
+        ids = torch.as_tensor(batch, dtype=torch.long, device=device)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
         if device == "cuda":
@@ -92,7 +99,7 @@ def transformers_generate(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-0.6b", "qwen3-1.7b"])
+    add_shape_arguments(parser)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence")
@@ -102,6 +109,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/tuft/bench").expanduser())
     parser.add_argument("--out", type=Path, default=Path("out/bench/sampling.json"), help="where the JSON result goes")
     args = parser.parse_args()
+    args.shape = shape_from_arguments(parser, args)
 
     directory = model_dir(args.shape, args.cache_dir)
     vocab = json.loads((directory / "config.json").read_text())["vocab_size"]
@@ -112,12 +120,12 @@ def main() -> None:
 
     rows = []
     for b in args.batch:
-        batch = prompts(b, args.prompt, vocab)
         timings = timed_alternately(
             {
-                "ours": ours(engine, batch, args.max_tokens),
-                "transformers": transformers_generate(directory, batch, args.max_tokens, args.dtype),
+                "ours": ours(engine, args.max_tokens),
+                "transformers": transformers_generate(directory, args.max_tokens, args.dtype),
             },
+            lambda seed, b=b: prompts(b, args.prompt, vocab, seed),
             args.repeats,
         )
         (ours_s, ours_tokens), (hf_s, hf_tokens) = timings["ours"], timings["transformers"]
@@ -134,7 +142,8 @@ def main() -> None:
         print(json.dumps(rows[-1]))
     result = {
         "device": jax.devices()[0].device_kind,
-        "machine": f"{platform.machine()}, {jax.device_count()} JAX device(s), {__import__('os').cpu_count()} CPU cores",
+        "machine": f"{platform.machine()}, {jax.device_count()} JAX device(s), {os.cpu_count()} CPU cores",
+        "load_avg": Path("/proc/loadavg").read_text().split()[:3],
         "shape": args.shape,
         "dtype": args.dtype,
         "prompt_tokens": args.prompt,

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from load import require_loopback
-from model_shapes import SHAPES, explicit_shape, matmul_params, model_dir
+from model_shapes import add_shape_arguments, matmul_params, model_dir, shape_from_arguments
 from tuft_jax.engine import Engine
 from tuft_jax.model_registry import BaseModelSpec
 from tuft_jax.types import AdamParams, Datum, LoraConfig
@@ -138,10 +138,7 @@ def torch_peft(directory: Path, tokens: np.ndarray, rank: int, dtype: str) -> Ca
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES])
-    dims = ("hidden", "intermediate", "layers", "heads", "kv-heads", "head-dim", "vocab")
-    for dim in dims:
-        parser.add_argument(f"--{dim}", type=int, help="an explicit shape (all seven together; overrides --shape)")
+    add_shape_arguments(parser)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
@@ -152,11 +149,7 @@ def main() -> None:
     parser.add_argument("--server", help="also time the step through the SDK against this loopback server")
     parser.add_argument("--server-model", help="the name that server serves this checkpoint under")
     args = parser.parse_args()
-    explicit = [getattr(args, dim.replace("-", "_")) for dim in dims]
-    if any(v is not None for v in explicit):
-        if None in explicit:
-            parser.error("an explicit shape needs all of --" + ", --".join(dims))
-        args.shape = explicit_shape(*explicit)
+    args.shape = shape_from_arguments(parser, args)
 
     directory = model_dir(args.shape, args.cache_dir)
     vocab = json.loads((directory / "config.json").read_text())["vocab_size"]

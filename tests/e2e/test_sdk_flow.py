@@ -90,3 +90,30 @@ def test_compute_logprobs_match_forward(service: tinker.ServiceClient, training:
     forward = training.forward([_datum(tokens)], "cross_entropy").result()
     expected = forward.loss_fn_outputs[0]["logprobs"].to_numpy()
     np.testing.assert_allclose(np.array(prompt_logprobs[1:], dtype=np.float32), expected, atol=1e-4)
+
+
+def _metric(text: str, name: str) -> float:
+    (line,) = [line for line in text.splitlines() if line.startswith(name)]
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_repeated_prompts_reuse_kv_blocks_on_metrics(service: tinker.ServiceClient, server_url: str) -> None:
+    """Two requests with the same 40-token prompt on one sampler: the second reuses the first's
+    full blocks (seen on /metrics), and every block is given back once both are done."""
+    import httpx
+
+    sampler = service.create_sampling_client(base_model=BASE_MODEL)
+    prompt = types.ModelInput.from_ints([(7 * i) % 400 + 1 for i in range(40)])
+    labels = f'{{base_model="{BASE_MODEL}"'
+
+    def hits() -> float:
+        return _metric(httpx.get(f"{server_url}/metrics").text, f"tuft_kv_prefix_hit_blocks_total{labels}}}")
+
+    before = hits()
+    for seed in (1, 2):
+        params = types.SamplingParams(max_tokens=4, temperature=1.0, seed=seed)
+        sampler.sample(prompt=prompt, num_samples=2, sampling_params=params).result()
+    assert hits() - before >= 2
+    text = httpx.get(f"{server_url}/metrics").text
+    assert _metric(text, f'tuft_kv_blocks{labels},state="used"}}') == 0
+    assert _metric(text, f"tuft_kv_block_bytes{labels}}}") > 0

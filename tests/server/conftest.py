@@ -21,6 +21,7 @@ from tuft_jax.types import (
     AdamParams,
     Datum,
     ForwardResult,
+    KVCacheStats,
     LoraConfig,
     SampledSequence,
     SampleResult,
@@ -232,6 +233,10 @@ class FakeEngine:
 
     def queued_sample_rows(self) -> int:
         return sum(n for _, n, _ in self.sample_queue)
+
+    def kv_cache_stats(self) -> KVCacheStats:
+        held = self.queued_sample_rows()
+        return KVCacheStats(total=64, used=held, cached_idle=0, free=64 - held, bytes_per_block=1024, prefix_hits=0, prefix_lookups=0)
 
 
 FAST_OPTIONS = ServerOptions(future_hold_s=2.0, session_timeout_s=60.0, sweep_interval_s=3600.0)

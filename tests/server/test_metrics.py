@@ -28,3 +28,14 @@ def test_metrics_need_no_api_key_and_count_training_tokens(api, client: TestClie
     assert _value(text, "tuft_engine_calls_total", labels) == 1
     assert _value(text, "tuft_tokens_total", labels) == 6
     assert _value(text, "tuft_tokens_per_second", labels) > 0
+
+
+def test_kv_cache_figures_are_exported_per_base_model(client: TestClient, engine) -> None:
+    text = client.get("/metrics").text
+    model = f'base_model="{engine.name}"'
+    stats = engine.kv_cache_stats()
+    for state in ("used", "cached_idle", "free"):
+        assert _value(text, "tuft_kv_blocks", f'{{{model},state="{state}"}}') == getattr(stats, state)
+    assert _value(text, "tuft_kv_block_bytes", f"{{{model}}}") == stats.bytes_per_block
+    for name in ("prefix_hit_blocks_total", "prefix_lookup_blocks_total", "preemptions_total"):
+        assert _value(text, f"tuft_kv_{name}", f"{{{model}}}") == 0

@@ -18,6 +18,8 @@ from engine_testing import next_token_datum, peft_model, random_lora, set_slot
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from tuft_jax import decode_scheduler
+from tuft_jax.kv_blocks import blocks_for
+from tuft_jax.paged_attention import BLOCK_TOKENS
 from tuft_jax.engine import Engine
 from tuft_jax.model_registry import BaseModelSpec
 from tuft_jax.types import AdamParams, LoraConfig, SampleResult, SamplingParams
@@ -73,7 +75,7 @@ class Collector:
     results: dict[int, SampleResult] = field(default_factory=dict)
     finished_at: dict[int, int] = field(default_factory=dict)
     steps: int = 0
-    longest_cache: int = 0
+    most_blocks: int = 0
 
     def submit(self, key: int, request: Request) -> None:
         def done(result: SampleResult | None, error: BaseException | None) -> None:
@@ -89,7 +91,7 @@ class Collector:
         while self.engine.has_sampling_work() and not (until and until()):
             self.steps += 1
             self.engine.step_sampling()
-            self.longest_cache = max(self.longest_cache, self.engine.decoder.cache_length)
+            self.most_blocks = max(self.most_blocks, self.engine.kv_cache_stats().used)
 
 
 def assert_same(actual: SampleResult, expected: SampleResult) -> None:
@@ -129,10 +131,10 @@ def test_interleaved_requests_equal_each_alone(setup: Setup) -> None:
     assert sorted(together.results) == list(range(len(requests)))
     for key, expected in enumerate(alone):
         assert_same(together.results[key], expected)
-    # 14 samples went through 4 rows; the cache grew for the 200-token prompt, and shrinks again.
-    assert together.longest_cache == 256
-    Request(0, prompt(5, 7), 1, SamplingParams(max_tokens=2)).run(setup.engine)
-    assert setup.engine.decoder.cache_length == decode_scheduler.MIN_CACHE_LENGTH
+    # 14 samples went through 4 rows; the blocks held followed the 200-token prompt (its two
+    # samples share its full blocks), and every block is given back at the end.
+    assert blocks_for(200) <= together.most_blocks < 2 * blocks_for(200 + 9)
+    assert setup.engine.kv_cache_stats().used == 0
     # Samples of one request draw from their own streams; a prompt-only request has NaN first.
     assert len({tuple(s.tokens) for s in alone[5].sequences}) == 5
     assert np.isnan(alone[3].prompt_logprobs[0]) and len(alone[3].prompt_logprobs) == 3
@@ -287,3 +289,96 @@ def test_a_failed_decode_fails_its_requests_and_the_scheduler_recovers(setup: Se
     assert [str(e) for e in errors] == ["device lost"] * 2 and not engine.has_sampling_work()
     monkeypatch.undo()
     assert len(Request(0, prompt(5, 60), 1, SamplingParams(max_tokens=9)).run(engine).sequences[0].tokens) == 9
+
+
+def test_prompts_reuse_cached_blocks_of_the_same_adapter_weights(setup: Setup) -> None:
+    """A prompt seen before on the same adapter weights reuses its full blocks (computing only the
+    rest) and samples exactly what it sampled the first time; after an optimizer step of that
+    adapter nothing is reused."""
+    engine, slot = setup.engine, setup.slots[0]
+    long_prompt = prompt(3 * BLOCK_TOKENS + 5, 70)
+    request = Request(slot, long_prompt, 2, SamplingParams(max_tokens=9, temperature=1.0, seed=4))
+    first = request.run(engine)
+    hits = engine.kv_cache_stats().prefix_hits
+    assert_same(request.run(engine), first)
+    assert engine.kv_cache_stats().prefix_hits == hits + 3
+    engine.optim_step(slot, AdamParams(learning_rate=0.0))  # same weights, a new version: no reuse
+    assert_same(request.run(engine), first)
+    assert engine.kv_cache_stats().prefix_hits == hits + 3
+
+
+def test_a_long_prompt_never_stalls_running_rows(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt prefilled over many chunks shares each scheduler step with a decode chunk of the
+    rows already running, and both give what they give alone."""
+    monkeypatch.setattr(decode_scheduler.sampler, "PREFILL_CHUNK_TOKENS", 32)
+    short = Request(setup.slots[0], prompt(6, 71), 1, SamplingParams(max_tokens=6 * CHUNK, temperature=0.0))
+    # Scoring its prompt, the long request computes all of it (no prefix-cache reuse).
+    long = Request(setup.slots[1], prompt(200, 72), 1, SamplingParams(max_tokens=3, temperature=1.0, seed=2), True, 2)
+    alone = [short.run(setup.engine), long.run(setup.engine)]
+    collector = Collector(setup.engine)
+    collector.submit(0, short)
+    collector.run(until=lambda: collector.steps == 1)
+    collector.submit(1, long)  # 200 tokens in chunks of 32: 7 steps of prefill
+    collector.run()
+    assert collector.finished_at[0] <= 1 + 6 < collector.finished_at[1]
+    for key, expected in enumerate(alone):
+        assert_same(collector.results[key], expected)
+
+
+def test_preempted_sequences_resume_with_the_same_tokens(setup: Setup) -> None:
+    """With a pool that holds two of the four sequences, rows are preempted as they grow and are
+    recomputed later: every sequence is what it is with an ample pool."""
+    spec = BaseModelSpec("tiny", setup.model_dir, max_context_length=CONTEXT, max_lora_rank=8, max_adapters=4, family="qwen3")
+    small = Engine(spec, decode_rows=ROWS, decode_chunk=CHUNK, kv_cache_tokens=CONTEXT)
+    adapter = small.create_adapter(LoraConfig(rank=RANK, seed=1))
+    set_slot(small, adapter, setup.arrays)
+    slot = setup.slots[0]
+    requests = [
+        Request(slot, prompt(60, 80), 2, SamplingParams(max_tokens=70, temperature=1.0, seed=5)),
+        Request(slot, prompt(45, 81), 2, SamplingParams(max_tokens=70, temperature=0.0)),
+    ]
+    expected = [r.run(setup.engine) for r in requests]
+    collector = Collector(small)
+    for key, request in enumerate(requests):
+        collector.submit(key, Request(adapter, request.prompt, request.num_samples, request.params))
+    collector.run()
+    stats = small.kv_cache_stats()
+    assert stats.preemptions > 0 and stats.used == 0
+    assert collector.most_blocks <= stats.total
+    for key, reference in enumerate(expected):
+        assert_same(collector.results[key], reference)
+
+    # A prompt that fills the pool: its samples run one after another (the last one takes the
+    # prompt's own partial block), and the request completes.
+    full = Request(slot, prompt(CONTEXT - 6, 82), 3, SamplingParams(max_tokens=5, temperature=1.0, seed=6))
+    expected_full = full.run(setup.engine)
+    collector = Collector(small)
+    collector.submit(0, Request(adapter, full.prompt, full.num_samples, full.params))
+    collector.run(until=lambda: collector.steps > 100)
+    assert_same(collector.results[0], expected_full)
+
+
+def test_grpo_shaped_workload_holds_a_quarter_of_dense_rows(tiny_checkpoint) -> None:
+    """8 prompts x 16 samples, 1024-token prompts, 256 new tokens: the samples share their prompt's
+    blocks, so the KV bytes held at the peak are those of the distinct tokens (one partial block
+    per sequence at most), at most 1/4 of 128 dense rows of 1280 tokens."""
+    prompts, samples, prompt_tokens, new_tokens = 8, 16, 1024, 256
+    model_dir = tiny_checkpoint("qwen3", False, seed=7)
+    spec = BaseModelSpec("tiny", model_dir, max_context_length=prompt_tokens + new_tokens, max_lora_rank=8, max_adapters=4, family="qwen3")
+    engine = Engine(spec, decode_rows=prompts * samples, decode_chunk=16)
+    cfg = engine.config
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # float32
+    stats = engine.kv_cache_stats()
+    assert stats.bytes_per_block == BLOCK_TOKENS * per_token
+    collector = Collector(engine)
+    params = SamplingParams(max_tokens=new_tokens, temperature=1.0, seed=0)
+    for key in range(prompts):
+        collector.submit(key, Request(0, prompt(prompt_tokens, 90 + key), samples, params))
+    collector.run()
+    assert all(len(s.tokens) == new_tokens for r in collector.results.values() for s in r.sequences)
+    cached = prompts * prompt_tokens + prompts * samples * (new_tokens - 1)  # the last token is never fed
+    sequences = prompts * samples
+    peak_bytes = collector.most_blocks * stats.bytes_per_block
+    assert peak_bytes <= cached * per_token + sequences * stats.bytes_per_block
+    dense_bytes = sequences * (prompt_tokens + new_tokens) * per_token
+    assert peak_bytes <= dense_bytes / 4

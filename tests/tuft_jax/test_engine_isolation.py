@@ -155,10 +155,10 @@ def test_a_prefill_that_fails_for_one_request_fails_it_alone(make, monkeypatch) 
     expected = engine.sample(good, prompts[0], 1, PARAMS, prompt_logprobs=False, topk_prompt_logprobs=0)
     real_prefill = decode_scheduler.sampler.prefill
 
-    def prefill(graphdef, base, lora, adm, **kwargs):
-        if (np.asarray(adm.prompts)[:, 0] == poison).any():
+    def prefill(graphdef, base, lora, pool, chunk, **kwargs):
+        if (np.asarray(chunk.tokens)[:, 0] == poison).any():
             raise RuntimeError("RESOURCE_EXHAUSTED: out of memory in prefill")
-        return real_prefill(graphdef, base, lora, adm, **kwargs)
+        return real_prefill(graphdef, base, lora, pool, chunk, **kwargs)
 
     monkeypatch.setattr(decode_scheduler.sampler, "prefill", prefill)
     samples = Samples(engine)

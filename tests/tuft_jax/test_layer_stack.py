@@ -1,20 +1,15 @@
-"""The layer stack: HF per-layer names at the boundary, remat that changes no number, and bf16
-layer weights held as bits."""
+"""The layer stack: HF per-layer names at the boundary, and remat that changes no number."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from engine_testing import assert_close_rel, next_token_datum, random_lora, random_sequences, set_slot, slot_arrays
-from flax import nnx
-from safetensors import safe_open
+from engine_testing import assert_close_rel, random_lora, set_slot, slot_arrays
 
 from tuft_jax.batching import build_train_batch
-from tuft_jax.engine import Engine
 from tuft_jax.layer_stack import layer_paths, stack, unstack
-from tuft_jax.model_registry import BaseModelSpec
 from tuft_jax.train_step import BatchArrays, forward_backward
-from tuft_jax.types import Datum, LoraConfig, SamplingParams
+from tuft_jax.types import Datum, LoraConfig
 
 
 def test_unstack_names_every_layer_and_stack_inverts_it() -> None:
@@ -56,30 +51,3 @@ def test_remat_gives_the_same_logprobs_losses_and_gradients(engine) -> None:
         if reference[key].any():
             assert_close_rel(grad, reference[key], 1e-5, key)
     assert float(jnp.abs(plain[2]).sum()) > 0
-
-
-def test_bf16_layer_weights_are_held_as_bits_and_compute_as_bf16(tiny_checkpoint) -> None:
-    """A bf16 engine holds its stacked layer weights as uint16 bits (`stored_dtype`): they are
-    the checkpoint's weights rounded to bf16, and training and sampling read them as bf16."""
-    path = tiny_checkpoint("qwen3", False, seed=0)
-    engines = {
-        dtype: Engine(BaseModelSpec(f"tiny-{dtype}", path, 256, 8, 2, dtype=dtype, family="qwen3"))
-        for dtype in ("bfloat16", "float32")
-    }
-    held = {key: var[...] for key, var in nnx.to_flat_state(engines["bfloat16"].base)}
-    q_proj = held[("model", "layers", "self_attn", "q_proj", "weight")]
-    assert q_proj.dtype == jnp.uint16 and held[("model", "embed_tokens", "weight")].dtype == jnp.bfloat16
-    with safe_open(path / "model.safetensors", framework="numpy") as f:
-        reference = f.get_tensor("model.layers.1.self_attn.q_proj.weight").T
-    np.testing.assert_array_equal(np.asarray(q_proj[1]).view(jnp.bfloat16), reference.astype(jnp.bfloat16))
-
-    datum = next_token_datum(random_sequences([24], seed=2)[0])
-    logprobs = {}
-    for dtype, engine in engines.items():
-        adapter = engine.create_adapter(LoraConfig(rank=4, seed=3))
-        (result,) = engine.forward_backward([(adapter, [datum])], "cross_entropy", {}, False)
-        logprobs[dtype] = result.outputs[0]["logprobs"]
-        sample = engine.sample(adapter, datum.tokens[:5], 1, SamplingParams(max_tokens=3), prompt_logprobs=False, topk_prompt_logprobs=0)
-        assert len(sample.sequences[0].tokens) == 3
-    np.testing.assert_allclose(logprobs["bfloat16"], logprobs["float32"], atol=0.1)
-    assert not np.array_equal(logprobs["bfloat16"], logprobs["float32"])

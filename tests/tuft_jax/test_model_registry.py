@@ -166,6 +166,9 @@ def test_limits_must_be_positive_integers(tmp_path: Path, checkpoints: Path, key
         ({"name": 7}, "name must be a non-empty string"),
         ({"path": ""}, "path must be a non-empty string"),
         ({"path": 3}, "path must be a non-empty string"),
+        ({"kv_cache_tokens": 0}, "kv_cache_tokens must be a positive integer"),
+        ({"kv_cache_tokens": 10}, "must hold one max_context_length sequence"),
+        ({"tensor_parallel": True}, "tensor_parallel must be a positive integer"),
     ],
 )
 def test_bad_field_values(tmp_path: Path, checkpoints: Path, overrides: dict[str, Any], message: str) -> None:
@@ -181,7 +184,7 @@ def test_example_models_yaml_is_valid_apart_from_its_paths(tmp_path: Path, check
     for entry in document["models"]:
         entry["path"] = str(checkpoints / "qwen")
     specs = load_model_specs(_write_yaml(tmp_path, document), tmp_path)
-    assert [(s.name, s.dtype) for s in specs] == [
-        ("Qwen/Qwen3-8B", "bfloat16"),
-        ("meta-llama/Llama-3.1-8B", "bfloat16"),
+    assert [(s.name, s.dtype, s.kv_cache_tokens, s.tensor_parallel) for s in specs] == [
+        ("Qwen/Qwen3-8B", "bfloat16", 262144, 2),
+        ("meta-llama/Llama-3.1-8B", "bfloat16", None, 1),
     ]

@@ -9,7 +9,6 @@ logprobs) must do what they say.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from tuft_jax import sampler
 from tuft_jax.engine import Engine
 from tuft_jax.layers import AdapterBatch
-from tuft_jax.sampler import _prompt_scores, prefill_chunks
+from tuft_jax.sampler import _prompt_scores, prefill_width
 from tuft_jax.types import LoraConfig, SamplingParams
 
 RANK = 4
@@ -183,11 +182,10 @@ def test_chunked_prompt_scores_equal_unchunked(setup: Setup, topk: int) -> None:
     hidden = jnp.asarray(rng.standard_normal((2, 24, engine.config.hidden_size)), jnp.float32)
     prompts = jnp.asarray(rng.integers(0, engine.vocab_size, (2, 24)), jnp.int32)
 
-    scores, top_ids, top_lp = _prompt_scores(model, hidden, adapters, prompts, topk, chunk_tokens=2 * 5)
+    scores, top_ids, top_lp = _prompt_scores(model, hidden[:, :-1], adapters, prompts[:, 1:], topk, chunk_tokens=2 * 5)
     log_probs = jax.nn.log_softmax(model.logits(hidden, adapters)[:, :-1], axis=-1)
     chosen = jnp.take_along_axis(log_probs, prompts[:, 1:, None], axis=-1)[..., 0]
-    assert np.all(np.isnan(scores[:, 0]))
-    np.testing.assert_allclose(scores[:, 1:], chosen, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(scores, chosen, rtol=0, atol=1e-5)
     if topk == 0:
         assert top_ids is None and top_lp is None
         return
@@ -197,17 +195,17 @@ def test_chunked_prompt_scores_equal_unchunked(setup: Setup, topk: int) -> None:
 
 
 def test_chunked_prefill_equals_one_pass(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A prompt prefilled in chunks (each attending to the cache the earlier ones wrote) gives the
-    tokens, logprobs and prompt scores of prefilling it at once."""
-    prompt = np.random.default_rng(5).integers(0, 460, 45).astype(np.int32)  # padded to 48: 6 chunks of 8
-    assert prefill_chunks(48, 1, 8) == 6 and prefill_chunks(48, 1, 2048) == 1 and prefill_chunks(48, 2, 20) == 6
+    """A prompt prefilled in chunks over several scheduler steps (each attending to the blocks the
+    earlier ones wrote) gives the tokens, logprobs and prompt scores of prefilling it at once."""
+    prompt = np.random.default_rng(5).integers(0, 460, 45).astype(np.int32)  # 6 chunks of 8
+    assert prefill_width(45, 1, 8) == 8 and prefill_width(45, 1, 2048) == 45 and prefill_width(45, 2, 20) == 10
 
     def run():
         params = SamplingParams(max_tokens=6, temperature=0.0)
         return setup.engine.sample(setup.slot, prompt, 2, params, prompt_logprobs=True, topk_prompt_logprobs=2)
 
     whole = run()
-    monkeypatch.setattr(sampler, "prefill", partial(sampler.prefill, chunk_tokens=8))
+    monkeypatch.setattr(sampler, "PREFILL_CHUNK_TOKENS", 8)
     chunked = run()
     for ours, reference in zip(chunked.sequences, whole.sequences, strict=True):
         assert ours.tokens == reference.tokens

@@ -1,8 +1,9 @@
-"""Training on a mesh of 8 simulated CPU devices gives the same losses and LoRA weights as one device.
+"""Training and sampling on a mesh of 8 simulated CPU devices give the same losses, LoRA weights
+and samples as one device, and each device holds half the KV pool with tp=2.
 
 XLA's device count is fixed when JAX starts, so the comparison runs in a child process that
 sets `--xla_force_host_platform_device_count=8` and trains the same adapter on a 1-device and
-an (fsdp=4, tp=2) mesh.
+an (fsdp=4, tp=2) mesh, then samples from it.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ def _train(mesh_devices: int, tp: int, model_dir: Path) -> dict:
 
     from tuft_jax.engine import Engine
     from tuft_jax.model_registry import BaseModelSpec
-    from tuft_jax.types import AdamParams, Datum, LoraConfig
+    from tuft_jax.types import AdamParams, Datum, LoraConfig, SamplingParams
 
     spec = BaseModelSpec("tiny", model_dir, 256, 8, 4, family="qwen3")
-    engine = Engine(spec, make_mesh(jax.devices()[:mesh_devices], tp=tp))
+    engine = Engine(spec, make_mesh(jax.devices()[:mesh_devices], tp=tp), kv_cache_tokens=1024)
     slots = [engine.create_adapter(LoraConfig(rank=4, seed=s)) for s in (1, 2)]
     rng = np.random.default_rng(0)
     data = []
@@ -43,7 +44,18 @@ def _train(mesh_devices: int, tp: int, model_dir: Path) -> dict:
             engine.optim_step(slot, AdamParams(learning_rate=1e-2, weight_decay=0.1, grad_clip_norm=5.0))
     weights = [float(np.abs(np.asarray(x)).sum()) for x in jax.tree.leaves(engine.lora)]
     shardings = {str(x.sharding.spec) for x in jax.tree.leaves(engine.base)}
-    return {"losses": losses, "weights": weights, "shardings": sorted(shardings)}
+    snapshot = engine.snapshot_adapter(slots[0])
+    prompt = rng.integers(0, 400, size=21).astype(np.int32)
+    samples = []
+    for params in (SamplingParams(max_tokens=12, temperature=0.0), SamplingParams(max_tokens=12, temperature=1.0, seed=3)):
+        result = engine.sample(snapshot, prompt, 3, params, prompt_logprobs=True, topk_prompt_logprobs=0)
+        samples.append([[s.tokens, s.logprobs] for s in result.sequences] + [result.prompt_logprobs[1:]])
+    pool = engine.decoder._require_pool()
+    kv_device_bytes = max(shard.data.nbytes for shard in pool.k.addressable_shards)
+    return {
+        "losses": losses, "weights": weights, "shardings": sorted(shardings), "samples": samples,
+        "kv_bytes": pool.k.nbytes, "kv_device_bytes": kv_device_bytes,
+    }  # fmt: skip
 
 
 def test_eight_device_mesh_matches_one_device(tmp_path: Path) -> None:
@@ -59,6 +71,13 @@ def test_eight_device_mesh_matches_one_device(tmp_path: Path) -> None:
     np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-4)
     np.testing.assert_allclose(sharded["weights"], single["weights"], rtol=1e-4)
     assert any("fsdp" in s for s in sharded["shardings"]) and any("tp" in s for s in sharded["shardings"])
+    for ours, reference in zip(sharded["samples"], single["samples"], strict=True):
+        assert [tokens for tokens, _ in ours[:-1]] == [tokens for tokens, _ in reference[:-1]]
+        np.testing.assert_allclose([lp for _, lp in ours[:-1]], [lp for _, lp in reference[:-1]], atol=1e-4)
+        np.testing.assert_allclose(ours[-1], reference[-1], atol=1e-4)
+    # The pool's kv heads are split over tp: each device holds half of what one device holds.
+    assert sharded["kv_bytes"] == single["kv_bytes"] == single["kv_device_bytes"]
+    assert sharded["kv_device_bytes"] * 2 == single["kv_device_bytes"]
 
 
 def test_logical_axes_follow_parameter_roles() -> None:

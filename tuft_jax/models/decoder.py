@@ -16,7 +16,9 @@ from flax import nnx
 
 from tuft_jax.attention import attention
 from tuft_jax.layer_stack import scan_layers, stacked
-from tuft_jax.layers import AdapterBatch, KVCache, LoraDelta, LoraLinear, RMSNorm, apply_rope, write_cache
+from tuft_jax.layers import AdapterBatch, LoraDelta, LoraLinear, RMSNorm, apply_rope
+from tuft_jax.paged_attention import PagedView
+from tuft_jax.stored_dtype import from_stored
 
 
 @dataclass(frozen=True)
@@ -88,9 +90,9 @@ class Attention(nnx.Module):
         positions: jax.Array,
         inv_freq: jax.Array,
         adapters: AdapterBatch,
-        cache: KVCache | None,
+        cache: PagedView | None,
         segments: jax.Array | None,
-    ) -> tuple[jax.Array, KVCache | None]:
+    ) -> tuple[jax.Array, PagedView | None]:
         cfg = self.config
         b, t, _ = x.shape
         q = self.q_proj(x, adapters).reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -102,9 +104,8 @@ class Attention(nnx.Module):
         if cache is None:
             out = attention(q, k, v, positions, positions, segments, segments)
         else:
-            cache = write_cache(cache, k, v, positions[:, 0])
-            key_positions = jnp.broadcast_to(jnp.arange(cache.k.shape[1]), (b, cache.k.shape[1]))
-            out = attention(q, cache.k, cache.v, positions, key_positions)
+            cache = cache.write(k, v, positions)
+            out = cache.attend(q, positions)
         return self.o_proj(out.reshape(b, t, -1), adapters), cache
 
 
@@ -133,9 +134,9 @@ class DecoderLayer(nnx.Module):
         positions: jax.Array,
         inv_freq: jax.Array,
         adapters: AdapterBatch,
-        cache: KVCache | None,
+        cache: PagedView | None,
         segments: jax.Array | None,
-    ) -> tuple[jax.Array, KVCache | None]:
+    ) -> tuple[jax.Array, PagedView | None]:
         attn_out, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, adapters, cache, segments)
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x), adapters), cache
@@ -146,7 +147,7 @@ class Embedding(nnx.Module):
         self.weight = nnx.Param(jnp.zeros((vocab_size, hidden_size), dtype))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return self.weight[...][tokens]
+        return from_stored(self.weight[...][tokens])
 
 
 class DecoderStack(nnx.Module):
@@ -154,6 +155,11 @@ class DecoderStack(nnx.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
         self.layers = stacked(lambda: DecoderLayer(config, lora, dtype), config.num_layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+
+
+VOCAB_TILE = 16384
+"""On XLA:CPU the output head runs in vocabulary tiles of at most this many entries: it runs bf16
+matmuls in f32, and converting the whole head first is an f32 copy of it (2.5 GB for Qwen3-8B)."""
 
 
 class Unembed(nnx.Module):
@@ -166,9 +172,30 @@ class Unembed(nnx.Module):
         self.tied = config.tie_word_embeddings
 
     def __call__(self, h: jax.Array, embedding: jax.Array, adapters: AdapterBatch) -> jax.Array:
-        kernel = embedding.T if self.tied else self.weight[...]
-        logits = jnp.einsum("btd,dv->btv", h, kernel, preferred_element_type=jnp.float32)
+        kernel = embedding if self.tied else self.weight[...]
+        logits = _head(h, kernel, vocab_axis=0 if self.tied else 1)
         return logits + self.lora(h, adapters).astype(jnp.float32)
+
+
+def _head(h: jax.Array, kernel: jax.Array, vocab_axis: int) -> jax.Array:
+    """fp32 logits of h [B, T, D] against `kernel` ([V, D] or [D, V], as held)."""
+    spec = "btd,vd->btv" if vocab_axis == 0 else "btd,dv->btv"
+    vocab = kernel.shape[vocab_axis]
+
+    def tile_logits(w: jax.Array) -> jax.Array:
+        return jnp.einsum(spec, h, from_stored(w), preferred_element_type=jnp.float32)
+
+    if jax.default_backend() != "cpu" or vocab <= VOCAB_TILE:
+        return tile_logits(kernel)
+    n = -(-vocab // VOCAB_TILE)
+    size = -(-vocab // n)
+
+    def tile(j: jax.Array) -> jax.Array:  # the last tile ends at the vocabulary's end, overlapping its neighbour
+        return tile_logits(jax.lax.dynamic_slice_in_dim(kernel, jnp.minimum(j * size, vocab - size), size, vocab_axis))
+
+    tiles = jax.lax.map(jax.checkpoint(tile, prevent_cse=False), jnp.arange(n))
+    head = jnp.moveaxis(tiles[:-1], 0, 2).reshape(*h.shape[:2], (n - 1) * size)
+    return jnp.concatenate([head, tiles[-1][..., n * size - vocab :]], axis=-1)
 
 
 class CausalLM(nnx.Module):
@@ -182,27 +209,22 @@ class CausalLM(nnx.Module):
         tokens: jax.Array,
         positions: jax.Array,
         adapters: AdapterBatch,
-        caches: KVCache | None = None,
+        cache: PagedView | None = None,
         remat: bool = False,
         segments: jax.Array | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
-        """Final hidden states [B, T, D] (and the updated caches when decoding); `remat`
+    ) -> tuple[jax.Array, PagedView | None]:
+        """Final hidden states [B, T, D] (and the updated KV cache when sampling); `remat`
         recomputes each layer in the backward pass instead of keeping its activations;
         `segments` [B, T] (packed datums, training only) confine attention to each segment."""
         inv_freq = rope_frequencies(self.config)
 
-        def step(layer: DecoderLayer, x: jax.Array, adapters: AdapterBatch, cache: KVCache | None):
+        def step(layer: DecoderLayer, x: jax.Array, adapters: AdapterBatch, cache: PagedView | None):
             return layer(x, positions, inv_freq, adapters, cache, segments)
 
         x = self.model.embed_tokens(tokens)
-        x, caches = scan_layers(self.model.layers, step, x, adapters, caches, remat)
-        return self.model.norm(x), caches
+        x, cache = scan_layers(self.model.layers, step, x, adapters, cache, remat)
+        return self.model.norm(x), cache
 
     def logits(self, hidden: jax.Array, adapters: AdapterBatch) -> jax.Array:
         """fp32 logits [B, T, V]."""
         return self.lm_head(hidden, self.model.embed_tokens.weight[...], adapters)
-
-    def init_caches(self, batch: int, length: int, dtype: jnp.dtype) -> KVCache:
-        """Zero caches of every layer, [B, L, S, kv_heads, head_dim]."""
-        shape = (batch, self.config.num_layers, length, self.config.num_kv_heads, self.config.head_dim)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))

@@ -17,7 +17,8 @@ from flax import nnx
 from jax.sharding import Mesh
 from safetensors import safe_open
 
-from tuft_jax.layer_stack import layer_paths, stored_dtype
+from tuft_jax.layer_stack import layer_paths
+from tuft_jax.stored_dtype import stored_dtype
 from tuft_jax.models.decoder import CausalLM, DecoderConfig, LoraShape
 from tuft_jax.models.hf_config import load_decoder_config
 from tuft_jax.sharding import param_sharding
@@ -67,7 +68,7 @@ def load_causal_lm(
         tensor = tensors[0] if keys == [hf_key(path)] else np.stack(tensors)
         if tensor.shape != var.shape:
             raise ValueError(f"{model_dir}: {keys[0]} has shape {tensor.shape}, expected {var.shape}")
-        tensor = np.asarray(tensor.astype(dtype)).view(stored_dtype(path, dtype))
+        tensor = np.asarray(tensor.astype(dtype)).view(stored_dtype(dtype))
         placed = jax.device_put(tensor, param_sharding(path, var.shape, mesh))
         base_leaves.append((path, var.replace(placed)))
     lora_leaves = [
