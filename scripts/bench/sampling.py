@@ -4,9 +4,10 @@ Both decode the same random-weight model in the same process, greedily, from the
 (one per sequence, all of `--prompt` tokens) for exactly `--max-tokens` new tokens, at each batch
 size; the result is generated tokens per second (prefill included) and our ratio to
 transformers. Our engine samples through the base slot, so the multi-LoRA path runs as it does
-in service. Usage:
+in service. At batch 1 it also reports the share of the memory roofline (weights + the
+sequence's KV bytes read per token, over the measured copy bandwidth). Usage:
     python scripts/bench/sampling.py                      # tiny model, batch 1 and 32
-    python scripts/bench/sampling.py --shape qwen3-0.6b --dtype bfloat16 --batch 1 8 64
+    python scripts/bench/sampling.py --shape qwen3-1.7b --dtype bfloat16 --batch 1 8 64 256   # on a GPU
     python scripts/bench/sampling.py --hidden 512 --intermediate 1536 --layers 8 --heads 8 \
         --kv-heads 4 --head-dim 64 --vocab 8192 --batch 32      # the mid-size explicit shape
 """
@@ -28,6 +29,7 @@ from model_shapes import add_shape_arguments, model_dir, shape_from_arguments
 
 from tuft_jax.engine import Engine
 from tuft_jax.model_registry import BaseModelSpec
+from tuft_jax.paged_attention import BLOCK_TOKENS
 from tuft_jax.types import SampleResult, SamplingParams
 
 
@@ -97,6 +99,31 @@ def transformers_generate(directory: Path, max_tokens: int, dtype: str) -> Run:
     return run
 
 
+def copy_bandwidth(bytes_: int = 1 << 28, repeats: int = 10) -> float:
+    """Bytes per second one device reads and writes, from timing an elementwise pass over a buffer."""
+    x = jax.numpy.zeros(bytes_ // 4, jax.numpy.float32)
+    touch = jax.jit(lambda x: x + 1)
+    touch(x).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        x = touch(x)
+    x.block_until_ready()
+    return 2 * bytes_ * repeats / (time.perf_counter() - start)
+
+
+def roofline(engine: Engine, context: float, tokens_per_s: float) -> dict[str, float]:
+    """A lone sequence's tokens/s as a share of the memory roofline: every step reads the base
+    weights and the sequence's keys and values (at its mean context), at the measured bandwidth."""
+    weights = sum(x.nbytes for x in jax.tree.leaves(engine.base))
+    kv = engine.kv_cache_stats().bytes_per_block / BLOCK_TOKENS * context
+    bandwidth = copy_bandwidth()
+    bound = bandwidth / (weights + kv)
+    return {
+        "copy_bandwidth_gb_per_s": bandwidth / 1e9, "bytes_per_token": weights + kv,
+        "roofline_tokens_per_s": bound, "share": tokens_per_s / bound,
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_arguments(parser)
@@ -139,6 +166,8 @@ def main() -> None:
                 "greedy_rows_identical": sum(a == h for a, h in zip(ours_tokens, hf_tokens, strict=True)) / b,
             }
         )
+        if b == 1:
+            rows[-1]["roofline"] = roofline(engine, args.prompt + args.max_tokens / 2, generated / ours_s)
         print(json.dumps(rows[-1]))
     result = {
         "device": jax.devices()[0].device_kind,
