@@ -141,6 +141,8 @@ class _Request:
     """The prompt's blocks, held from the end of its prefill until its last sample has a row."""
     logits: jax.Array | None = None
     """[V] after the prompt's last token, kept as long as `prompt_blocks`."""
+    weights_version: int | None = None
+    """The adapter's weights version when the prompt was admitted: blocks computed under it."""
     prompt_logprobs: list[float] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]]] | None = None
 
@@ -299,6 +301,8 @@ class DecodeScheduler:
         """Gives the request's next samples rows from `free` (and its prompt blocks, on its first
         admission), as many as rows and blocks allow; False when not even one fits."""
         first = request.prompt_blocks is None and not request.prefilling
+        if first:
+            request.weights_version = self._weights_version(request.job.adapter)
         prompt = None
         for take in range(min(request.job.num_samples - request.admitted, len(free)), 0, -1):
             copies = self._copies(request, take)
@@ -589,10 +593,26 @@ class DecodeScheduler:
         request, index = self._owner[row]
         seq = request.sequences[index]
         logger.info("KV blocks ran out: preempting a sequence of %d tokens", request.job.prompt.size + len(seq.tokens))
-        tokens = np.concatenate([request.job.prompt, np.asarray(seq.tokens[:-1], np.int32)])
+        tokens = self._cached_tokens(request, seq)
         self._resume.append(_Resume(request, index, tokens, seq.tokens[-1], len(seq.tokens)))
+        self._cache_row(row, request, tokens)
         self._free_row(row)
         self.preemptions += 1
+
+    @staticmethod
+    def _cached_tokens(request: _Request, seq: _Sequence) -> np.ndarray:
+        """The tokens whose keys and values a row's blocks hold: its last token is never fed."""
+        return np.concatenate([request.job.prompt, np.asarray(seq.tokens[:-1], np.int32)])
+
+    def _cache_row(self, row: int, request: _Request, tokens: np.ndarray) -> None:
+        """Enters the row's full blocks in the prefix cache before it lets them go, so a resumed
+        sequence or a follow-up prompt that extends this one (a next chat turn) reuses them."""
+        version = self._weights_version(request.job.adapter)
+        if version != request.weights_version:
+            return
+        keys = prefix_keys((request.job.adapter, version), tokens)
+        for key, block in zip(keys, self._row_blocks[row], strict=False):
+            self.blocks.register(key, block)
 
     def _free_row(self, row: int) -> None:
         self.blocks.release(self._row_blocks[row])
@@ -628,6 +648,7 @@ class DecodeScheduler:
             seq.stop_reason = "stop" if seq.tokens[-1] in params.stop_token_ids else "length"
         else:
             return
+        self._cache_row(row, request, self._cached_tokens(request, seq))
         self._free_row(row)
         request.open -= 1
         if request.open == 0 and request.admitted == request.job.num_samples:

@@ -4,7 +4,8 @@ cache of full prompt blocks.
 A block is held by every sequence (or queued request) whose table names it, counted in `refs`;
 it goes back to the free list when the last holder lets go, unless it is in the prefix cache.
 The prefix cache maps a full block's key (its tokens, all the tokens before it, and the adapter
-snapshot that computed it: keys and values depend on the LoRA weights) to the block; a cached
+weights that computed it: keys and values depend on the LoRA weights) to the block, for prompt
+blocks and for the blocks of sequences that ended or were preempted; a cached
 block nobody holds stays filled and is evicted, least recently released first, only when a
 fresh block is needed and none is free (keys of changed or released adapters are never looked
 up again and age out the same way). Block 0 is the device's scratch block and never handed out.

@@ -307,6 +307,22 @@ def test_prompts_reuse_cached_blocks_of_the_same_adapter_weights(setup: Setup) -
     assert engine.kv_cache_stats().prefix_hits == hits + 3
 
 
+def test_a_follow_up_prompt_reuses_the_blocks_of_the_turn_before(setup: Setup) -> None:
+    """A prompt that extends an earlier prompt and its completion (the next chat turn) finds the
+    earlier sequence's full blocks cached, and samples what it samples computed afresh."""
+    engine, slot = setup.engine, setup.slots[1]
+    turn = prompt(21, 73)
+    (first,) = Request(slot, turn, 1, SamplingParams(max_tokens=30, temperature=0.0)).run(engine).sequences
+    follow_up = np.concatenate([turn, np.asarray(first.tokens, np.int32), prompt(5, 74)])
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=3)
+    hits = engine.kv_cache_stats().prefix_hits
+    reused = Request(slot, follow_up, 1, params).run(engine)
+    assert engine.kv_cache_stats().prefix_hits - hits == (21 + 30 - 1) // BLOCK_TOKENS
+    fresh = Request(slot, follow_up, 1, params, prompt_logprobs=True).run(engine)  # scored: computed whole
+    assert reused.sequences[0].tokens == fresh.sequences[0].tokens
+    np.testing.assert_allclose(reused.sequences[0].logprobs, fresh.sequences[0].logprobs, rtol=0, atol=1e-4)
+
+
 def test_a_long_prompt_never_stalls_running_rows(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
     """A prompt prefilled over many chunks shares each scheduler step with a decode chunk of the
     rows already running, and both give what they give alone."""
