@@ -43,13 +43,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Sharding
+from jax.sharding import Mesh, NamedSharding, Sharding
 
 from tuft_jax import sampler
 from tuft_jax.batching import batch_bucket, bucket
 from tuft_jax.errors import InputError
 from tuft_jax.kv_blocks import BlockTable, blocks_for, prefix_keys
-from tuft_jax.paged_attention import BLOCK_TOKENS, KVPool, block_bytes, init_pool, tile_blocks
+from tuft_jax.paged_attention import BLOCK_TOKENS, KVPool, block_bytes, init_pool, pool_spec, scratch_blocks, tile_blocks
 from tuft_jax.models.decoder import DecoderConfig
 from tuft_jax.types import KVCacheStats, SampledSequence, SampleResult, SamplingParams
 
@@ -167,14 +167,15 @@ class DecodeScheduler:
         kv_blocks: int,
         weights_version: Callable[[int], int] = lambda adapter: 0,
         placement: Sharding | None = None,
-        pool_placement: Sharding | None = None,
+        mesh: Mesh | None = None,
     ) -> None:
         """`params()` returns the current (base, lora) states: read at every call, so training
         between chunks is seen by the next chunk (samplers use frozen snapshot slots);
         `weights_version(adapter)` changes whenever that adapter's weights do, so no prompt
         reuses blocks computed with older weights. The pool holds `kv_blocks` blocks: block 0 is
         scratch, and the rest must hold one `max_length` sequence and the copy of its prompt's
-        partial block, so a request always fits once the others are done."""
+        partial block, so a request always fits once the others are done. With a `mesh` the pool
+        is laid over it (`paged_attention.pool_spec`) and the rows are replicated."""
         self._graphdef = graphdef
         self._resolve = resolve
         self._params = params
@@ -186,13 +187,14 @@ class DecodeScheduler:
         self.chunk = chunk
         self.max_length = max_length
         self._width = blocks_for(max_length)
-        if kv_blocks - 1 < self._width + 1:
+        self._mesh = mesh
+        self._scratch = scratch_blocks(mesh, kv_blocks)
+        if kv_blocks - len(self._scratch) < self._width + 1:
             raise ValueError(f"a KV pool of {kv_blocks} blocks cannot hold one {max_length}-token sequence")
         self._bytes_per_block = block_bytes(config.num_layers, config.num_kv_heads, config.head_dim, dtype)
         self._kv_blocks = kv_blocks
-        self.blocks = BlockTable(kv_blocks, self._bytes_per_block)
+        self.blocks = BlockTable(kv_blocks, self._bytes_per_block, self._scratch)
         self._placement = placement
-        self._pool_placement = pool_placement
         self._pool: KVPool | None = None
         self._state: sampler.DecodeState | None = None
         self._queue: deque[_Request] = deque()
@@ -423,7 +425,7 @@ class DecodeScheduler:
                 self._graphdef, base, lora, pool, chunk,
                 score_prompt=bool(scored),
                 topk_prompt=min(batch_bucket(topk), self._config.vocab_size) if topk else 0,
-                tile_blocks=self._tile(int((start + length).max()), u),
+                tile_blocks=self._tile(int((start + length).max()), u), mesh=self._mesh,
             )  # fmt: skip
         except Exception as exc:
             if any(x.is_deleted() for x in pool):
@@ -506,7 +508,7 @@ class DecodeScheduler:
         try:
             self._ensure_state()
             self._pool, self._state, tokens, logprobs, done = sampler.start(
-                self._require_pool(), self._state, stacked, entries
+                self._require_pool(), self._state, stacked, entries, mesh=self._mesh
             )
             tokens, logprobs, done = jax.device_get((tokens, logprobs, done))
         except Exception as exc:
@@ -559,6 +561,7 @@ class DecodeScheduler:
                 self._graphdef, base, lora, self._require_pool(), self._require_state(), self._tables, self._finish,
                 steps=self.chunk, live_rows=rows,
                 tile_blocks=self._tile(max(min(self._position[r] + self.chunk, self._limit[r]) for r in live), rows),
+                mesh=self._mesh,
             )  # fmt: skip
             tokens, logprobs, done = jax.device_get((tokens, logprobs, self._state.done))
         except Exception as exc:
@@ -691,8 +694,11 @@ class DecodeScheduler:
             build = functools.partial(
                 init_pool, cfg.num_layers, self._kv_blocks, cfg.num_kv_heads, cfg.head_dim, self._dtype
             )
-            placement = self._pool_placement
-            self._pool = build() if placement is None else jax.jit(build, out_shardings=KVPool(placement, placement))()
+            if self._mesh is None:
+                self._pool = build()
+            else:
+                placement = NamedSharding(self._mesh, pool_spec(self._mesh, cfg.num_kv_heads, self._kv_blocks))
+                self._pool = jax.jit(build, out_shardings=KVPool(placement, placement))()
         return self._pool
 
     def _require_state(self) -> sampler.DecodeState:
@@ -739,7 +745,7 @@ class DecodeScheduler:
         self._row_blocks = [[] for _ in range(self.rows)]
         self._tables[:] = 0
         self._finish[:] = False
-        self.blocks = BlockTable(self._kv_blocks, self._bytes_per_block)
+        self.blocks = BlockTable(self._kv_blocks, self._bytes_per_block, self._scratch)
         self._state = None
         self._pool = None
         for request in failed:

@@ -35,7 +35,7 @@ from tuft_jax.models.hf_weights import load_causal_lm
 from tuft_jax.optimizer import adamw_step, init_optimizer_state
 from tuft_jax.paged_attention import block_bytes
 from tuft_jax.sampler import MAX_STOP_IDS
-from tuft_jax.sharding import batch_sharding, kv_pool_sharding, make_mesh, place_like_params, replicated
+from tuft_jax.sharding import batch_sharding, make_mesh, place_like_params, replicated
 from tuft_jax.train_step import BatchArrays, accumulate, forward, forward_backward
 from tuft_jax.types import AdamParams, Datum, ForwardResult, KVCacheStats, LoraConfig, SampleResult, SamplingParams
 
@@ -131,7 +131,7 @@ class Engine:
             kv_blocks=self._kv_blocks(kv_cache_tokens or spec.kv_cache_tokens, decode_rows, dtype),
             weights_version=lambda adapter: self._weights_version.get(adapter, 0),
             placement=replicated(self.mesh),
-            pool_placement=kv_pool_sharding(self.mesh, self.config.num_kv_heads),
+            mesh=self.mesh,
         )
         self._release_when_idle: set[int] = set()
         self._slots_wanted = False
@@ -148,12 +148,15 @@ class Engine:
         cfg = self.config
         per_block = block_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
         longest = blocks_for(self.max_context_length) + 1
+        devices = self.mesh.shape["fsdp"]  # the pool's blocks are split over fsdp, one scratch block each
         if tokens is not None:
-            return max(blocks_for(tokens), longest) + 1
-        shards = self.mesh.shape["tp"] if cfg.num_kv_heads % self.mesh.shape["tp"] == 0 else 1
-        free = step_plan.free_device_bytes(list(self.mesh.local_devices))
-        affordable = int(KV_MEMORY_FRACTION * free) // max(1, per_block // shards)
-        return max(min(rows * longest, affordable), longest) + 1
+            usable = max(blocks_for(tokens), longest)
+        else:
+            heads = self.mesh.shape["tp"] if cfg.num_kv_heads % self.mesh.shape["tp"] == 0 else 1
+            free = step_plan.free_device_bytes(list(self.mesh.local_devices))
+            affordable = int(KV_MEMORY_FRACTION * free) * devices // max(1, per_block // heads)
+            usable = max(min(rows * longest, affordable), longest)
+        return -(-(usable + devices) // devices) * devices
 
     def kv_cache_stats(self) -> KVCacheStats:
         """KV blocks used, idle in the prefix cache and free; bytes per block; prefix-cache hits."""

@@ -8,7 +8,8 @@ weights that computed it: keys and values depend on the LoRA weights) to the blo
 blocks and for the blocks of sequences that ended or were preempted; a cached
 block nobody holds stays filled and is evicted, least recently released first, only when a
 fresh block is needed and none is free (keys of changed or released adapters are never looked
-up again and age out the same way). Block 0 is the device's scratch block and never handed out.
+up again and age out the same way). Scratch blocks (block 0, or each device's first block of a
+pool split over devices) are never handed out.
 """
 
 from __future__ import annotations
@@ -40,13 +41,19 @@ def prefix_keys(adapter: tuple[int, int], tokens: np.ndarray) -> list[bytes]:
 
 
 class BlockTable:
-    def __init__(self, num_blocks: int, bytes_per_block: int) -> None:
-        if num_blocks < 2:
-            raise ValueError("a KV pool needs the scratch block and at least one more")
+    def __init__(self, num_blocks: int, bytes_per_block: int, scratch: Sequence[int] = (SCRATCH_BLOCK,)) -> None:
+        """`scratch`: the devices' scratch blocks, one per share of a pool split over devices
+        (`paged_attention.scratch_blocks`); free blocks are handed out from the shares in turn,
+        so each device holds about as many."""
+        if num_blocks <= len(scratch):
+            raise ValueError("a KV pool needs its scratch blocks and at least one more")
         self.num_blocks = num_blocks
         self.bytes_per_block = bytes_per_block
         self.refs = np.zeros(num_blocks, np.int64)
-        self._free = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))
+        share = num_blocks // len(scratch)
+        usable = [b for b in range(num_blocks) if b not in set(scratch)]
+        self._free = sorted(usable, key=lambda b: (b % share, b // share), reverse=True)
+        self._scratch = len(scratch)
         self._cached: dict[bytes, int] = {}
         self._key_of: dict[int, bytes] = {}
         self._idle: OrderedDict[int, None] = OrderedDict()
@@ -60,7 +67,7 @@ class BlockTable:
         return len(self._free) + len(self._idle)
 
     def stats(self) -> KVCacheStats:
-        usable = self.num_blocks - 1
+        usable = self.num_blocks - self._scratch
         return KVCacheStats(
             total=usable,
             used=usable - len(self._free) - len(self._idle),

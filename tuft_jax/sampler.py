@@ -20,6 +20,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from tuft_jax.chunking import CHUNK_TOKENS, map_chunks
 from tuft_jax.layers import AdapterBatch, LoraForm
@@ -227,7 +228,7 @@ def prefill_width(remaining: int, prompts: int, chunk_tokens: int = PREFILL_CHUN
     return max(1, min(remaining, chunk_tokens // prompts))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "score_prompt", "topk_prompt", "tile_blocks"), donate_argnames=("pool",))
+@partial(jax.jit, static_argnames=("graphdef", "score_prompt", "topk_prompt", "tile_blocks", "mesh"), donate_argnames=("pool",))
 def prefill(
     graphdef: nnx.GraphDef,
     base: nnx.State,
@@ -237,16 +238,17 @@ def prefill(
     score_prompt: bool,
     topk_prompt: int,
     tile_blocks: int,
+    mesh: Mesh | None = None,
 ) -> tuple[KVPool, ChunkScores]:
     """Runs a chunk of U prompts through the layers, writing their keys and values into their
     blocks (attending to what earlier chunks wrote there, `tile_blocks` at a time), and scores
-    its last real tokens."""
+    its last real tokens. `mesh` is the mesh the pool is laid over (see `paged_attention`)."""
     model = nnx.merge(graphdef, base, lora)
     adapters = AdapterBatch(chunk.slots, chunk.scales, form="per_row")  # at most R prompts
     index = jnp.arange(chunk.tokens.shape[1], dtype=jnp.int32)
     keep = index < chunk.length[:, None]
     positions = chunk.start[:, None] + jnp.where(keep, index, 0)
-    hidden, view = model(chunk.tokens, positions, adapters, PagedView(pool, chunk.tables, keep, tile_blocks))
+    hidden, view = model(chunk.tokens, positions, adapters, PagedView(pool, chunk.tables, keep, tile_blocks, mesh))
     last = jnp.take_along_axis(hidden, (jnp.maximum(chunk.length, 1) - 1)[:, None, None], axis=1)
     scores = (None, None, None)
     if score_prompt:
@@ -254,14 +256,14 @@ def prefill(
     return view.pool, ChunkScores(model.logits(last, adapters)[:, 0], *scores)
 
 
-@partial(jax.jit, donate_argnames=("pool", "state"))
+@partial(jax.jit, static_argnames=("mesh",), donate_argnames=("pool", "state"))
 def start(
-    pool: KVPool, state: DecodeState, logits: jax.Array, entries: RowStart
+    pool: KVPool, state: DecodeState, logits: jax.Array, entries: RowStart, mesh: Mesh | None = None
 ) -> tuple[KVPool, DecodeState, jax.Array, jax.Array, jax.Array]:
     """Moves entries into their decode rows: copies their partial prompt blocks and draws each new
     entry's first token from its prompt's logits [U, V]. Returns the pool, the rows, and each
     entry's first token, its logprob and whether that already ended it."""
-    pool = copy_blocks(pool, entries.copy_src, entries.copy_dst)
+    pool = copy_blocks(pool, entries.copy_src, entries.copy_dst, mesh)
     keys = _row_keys(entries.seeds, entries.sample_index)
     zeros = jnp.zeros_like(entries.sample_index)
     drawn, drawn_logprob = draw(logits[entries.source], keys, zeros, entries.temperature, entries.top_k, entries.top_p)
@@ -297,7 +299,14 @@ def decode_form(rows: int, slots: int) -> LoraForm:
 
 
 def _decode_rows(
-    model: nnx.Module, pool: KVPool, state: DecodeState, tables: jax.Array, steps: int, form: LoraForm, tile: int
+    model: nnx.Module,
+    pool: KVPool,
+    state: DecodeState,
+    tables: jax.Array,
+    steps: int,
+    form: LoraForm,
+    tile: int,
+    mesh: Mesh | None,
 ) -> tuple[KVPool, DecodeState, jax.Array, jax.Array]:
     adapters = AdapterBatch(state.slots, state.scales, form=form)
     rows = state.token.shape[0]
@@ -308,7 +317,7 @@ def _decode_rows(
 
     def body(carry):
         i, pool, token, position, generated, done, out_tokens, out_logprobs = carry
-        view = PagedView(pool, tables, ~done[:, None], tile)
+        view = PagedView(pool, tables, ~done[:, None], tile, mesh)
         hidden, view = model(token[:, None], position[:, None], adapters, view)
         logits = model.logits(hidden, adapters)[:, 0]
         new, logprob = draw(logits, state.keys, generated, state.temperature, state.top_k, state.top_p)
@@ -334,7 +343,7 @@ def _decode_rows(
     return pool, new_state, out_tokens, out_logprobs
 
 
-@partial(jax.jit, static_argnames=("graphdef", "steps", "live_rows", "tile_blocks"), donate_argnames=("pool", "state"))
+@partial(jax.jit, static_argnames=("graphdef", "steps", "live_rows", "tile_blocks", "mesh"), donate_argnames=("pool", "state"))
 def decode(
     graphdef: nnx.GraphDef,
     base: nnx.State,
@@ -346,6 +355,7 @@ def decode(
     steps: int,
     live_rows: int,
     tile_blocks: int,
+    mesh: Mesh | None = None,
 ) -> tuple[KVPool, DecodeState, jax.Array, jax.Array]:
     """Up to `steps` tokens for every live row (fewer once all are done), after ending the rows
     in `finish`; `tables` [R, M] are the rows' blocks, which must cover every position a live
@@ -357,7 +367,9 @@ def decode(
     state = replace(state, done=state.done | finish)
     form = decode_form(live_rows, jax.tree.leaves(lora)[0].shape[0])
     if live_rows == state.token.shape[0]:
-        return _decode_rows(model, pool, state, tables, steps, form, tile_blocks)
+        return _decode_rows(model, pool, state, tables, steps, form, tile_blocks, mesh)
     head = jax.tree.map(lambda x: x[:live_rows], state)
-    pool, head, out_tokens, out_logprobs = _decode_rows(model, pool, head, tables[:live_rows], steps, form, tile_blocks)
+    pool, head, out_tokens, out_logprobs = _decode_rows(
+        model, pool, head, tables[:live_rows], steps, form, tile_blocks, mesh
+    )
     return pool, jax.tree.map(lambda x, h: x.at[:live_rows].set(h), state, head), out_tokens, out_logprobs

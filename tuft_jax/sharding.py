@@ -99,12 +99,5 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec("fsdp", *([None] * (ndim - 1))))
 
 
-def kv_pool_sharding(mesh: Mesh, kv_heads: int) -> NamedSharding:
-    """The paged KV pool [kv_heads, L, N, block, head_dim]: kv heads split over tp (each device
-    keeps the heads its attention computes), the rest replicated."""
-    heads = "tp" if kv_heads % mesh.shape["tp"] == 0 else None
-    return NamedSharding(mesh, PartitionSpec(heads, None, None, None, None))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())

@@ -1,5 +1,6 @@
 """Training and sampling on a mesh of 8 simulated CPU devices give the same losses, LoRA weights
-and samples as one device, and each device holds half the KV pool with tp=2.
+and samples as one device, and each device holds an eighth of the KV pool (heads over tp=2,
+blocks over fsdp=4).
 
 XLA's device count is fixed when JAX starts, so the comparison runs in a child process that
 sets `--xla_force_host_platform_device_count=8` and trains the same adapter on a 1-device and
@@ -54,7 +55,7 @@ def _train(mesh_devices: int, tp: int, model_dir: Path) -> dict:
     kv_device_bytes = max(shard.data.nbytes for shard in pool.k.addressable_shards)
     return {
         "losses": losses, "weights": weights, "shardings": sorted(shardings), "samples": samples,
-        "kv_bytes": pool.k.nbytes, "kv_device_bytes": kv_device_bytes,
+        "kv_bytes": pool.k.nbytes, "kv_device_bytes": kv_device_bytes, "kv_blocks": pool.k.shape[2],
     }  # fmt: skip
 
 
@@ -75,9 +76,11 @@ def test_eight_device_mesh_matches_one_device(tmp_path: Path) -> None:
         assert [tokens for tokens, _ in ours[:-1]] == [tokens for tokens, _ in reference[:-1]]
         np.testing.assert_allclose([lp for _, lp in ours[:-1]], [lp for _, lp in reference[:-1]], atol=1e-4)
         np.testing.assert_allclose(ours[-1], reference[-1], atol=1e-4)
-    # The pool's kv heads are split over tp: each device holds half of what one device holds.
-    assert sharded["kv_bytes"] == single["kv_bytes"] == single["kv_device_bytes"]
-    assert sharded["kv_device_bytes"] * 2 == single["kv_device_bytes"]
+    # The pool's kv heads are split over tp and its blocks over fsdp: each of the 8 devices holds
+    # an eighth of it (one device holds all of its own), at the same bytes per block.
+    assert single["kv_device_bytes"] == single["kv_bytes"]
+    assert sharded["kv_device_bytes"] * 8 == sharded["kv_bytes"]
+    assert sharded["kv_bytes"] / sharded["kv_blocks"] == single["kv_bytes"] / single["kv_blocks"]
 
 
 def test_logical_axes_follow_parameter_roles() -> None:
