@@ -53,10 +53,9 @@ SCRATCH_BLOCK = 0
 class KVPool(NamedTuple):
     """Keys and values, [kv_heads, L, N, BLOCK_TOKENS, head_dim] each, in their stored dtype.
 
-    Heads lead so that a gather of blocks keeps them as a batch axis in front ([kv_heads, rows,
-    keys, head_dim]): the attention matmuls read the gathered keys as they are, where a
-    tokens-first layout had XLA transpose every gathered tile (a copy as large as the tile); it
-    is also the axis split over tp."""
+    Heads lead: they are the axis split over tp, and a gathered tile comes out as [kv_heads,
+    rows x keys, head_dim], the batch-major layout the attention matmuls take (XLA:CPU still
+    copies each gathered tile once, as it did with tokens first)."""
 
     k: jax.Array
     v: jax.Array
