@@ -671,11 +671,9 @@ class DecodeScheduler:
         return tile_blocks(span, rows, self._config.num_kv_heads, self._config.head_dim)
 
     def _live_rows(self, last: int) -> int:
-        """How many leading rows a chunk computes: 2, 8, 32, ... (or all rows), covering row `last`.
-        Free rows are refilled lowest first, so live rows gather at the front. Never one row: XLA
-        turns a lone row's cache write into an update of the whole pool that it copies (measured
-        on XLA:CPU: a copy of the pool per layer and step)."""
-        n = 2
+        """How many leading rows a chunk computes: a power of 4 (or all rows) covering row `last`.
+        Free rows are refilled lowest first, so live rows gather at the front."""
+        n = 1
         while n <= last:
             n *= 4
         return min(n, self.rows)

@@ -182,7 +182,14 @@ class PagedView(NamedTuple):
             local, owned = _local(jnp.take_along_axis(tables, column, axis=1), pool, _first_block(pool, split))
             row = layer * pool.shape[2] + jnp.where(keep & owned, local, SCRATCH_BLOCK)
             heads_first = jnp.moveaxis(to_stored(new, pool.dtype), 2, 0)
-            return _flat(pool).at[:, row, positions % BLOCK_TOKENS].set(heads_first).reshape(pool.shape)
+            offset = positions % BLOCK_TOKENS
+            if row.size == 1:
+                # A lone token (a one-row decode step) is written twice, the same value to the same
+                # place: as a one-element scatter, XLA turns it into an update of the whole pool
+                # that it copies (on XLA:CPU a copy of the pool per layer and step, measured).
+                row, offset = jnp.concatenate([row, row]), jnp.concatenate([offset, offset])
+                heads_first = jnp.concatenate([heads_first, heads_first], axis=1)
+            return _flat(pool).at[:, row, offset].set(heads_first).reshape(pool.shape)
 
         args = (self.tables, self.keep, positions, jnp.asarray(self.layer))
         if split is None:
