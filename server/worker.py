@@ -89,6 +89,9 @@ class EngineWorker:
         self._metrics = metrics
         self._sampled_tokens = 0
         """Tokens of the sample requests completed during the current decode step."""
+        self._settled: list[tuple[_Job, Any, BaseException | None]] = []
+        """Sample results of the current decode step, handed to their callers once the count of
+        waiting samples is updated, so a caller woken by its result sees the queue as it is now."""
         self._max_batch_datums = max_batch_datums
         self.max_queued_sample_rows = max_queued_sample_rows
         self._jobs: deque[_Job] = deque()
@@ -183,6 +186,9 @@ class EngineWorker:
             with self._wakeup:
                 self._sampling = self.engine.has_sampling_work()
                 self._waiting_rows = self.engine.queued_sample_rows() + self._inbox_rows
+            settled, self._settled = self._settled, []
+            for job, value, exc in settled:
+                _resolve(job, value, exc)
 
     def _run_batch(self, batch: list[_Job]) -> None:
         if isinstance(batch[0].work, ForwardBackwardItem):
@@ -212,13 +218,13 @@ class EngineWorker:
 
         def done(result: SampleResult | None, error: BaseException | None) -> None:
             if error is not None:
-                _resolve(job, None, error)
+                self._settled.append((job, None, error))
                 return
             self._sampled_tokens += sum(len(sequence.tokens) for sequence in result.sequences)  # type: ignore[union-attr]
             try:
-                _resolve(job, item.finish(result), None)  # type: ignore[arg-type]
+                self._settled.append((job, item.finish(result), None))  # type: ignore[arg-type]
             except Exception as exc:
-                _resolve(job, None, exc)
+                self._settled.append((job, None, exc))
 
         try:
             self.engine.submit_sample(
