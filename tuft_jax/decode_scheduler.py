@@ -490,12 +490,12 @@ class DecodeScheduler:
             request, c = group.request, group.request.controls
             for k, (row, index) in enumerate(group.entries):
                 rows[e] = row
-                f = fields
-                f["source"][e], f["slots"][e], f["scales"][e] = g_index, request.slot, request.scales
-                f["temperature"][e], f["top_k"][e], f["top_p"][e] = c.temperature, c.top_k, c.top_p
-                f["seeds"][e], f["sample_index"][e], f["max_tokens"][e], f["stop_ids"][e] = c.seed, index, c.max_tokens, c.stop_ids
-                blocks, position = self._row_layout(group, k, f, e)
-                f["position"][e] = position
+                fields["source"][e], fields["slots"][e], fields["scales"][e] = g_index, request.slot, request.scales
+                fields["temperature"][e], fields["top_k"][e], fields["top_p"][e] = c.temperature, c.top_k, c.top_p
+                fields["seeds"][e], fields["sample_index"][e] = c.seed, index
+                fields["max_tokens"][e], fields["stop_ids"][e] = c.max_tokens, c.stop_ids
+                blocks, position = self._row_layout(group, k, fields, e)
+                fields["position"][e] = position
                 self._row_blocks[row] = blocks
                 self._tables[row] = 0
                 self._tables[row, : len(blocks)] = blocks
@@ -524,17 +524,17 @@ class DecodeScheduler:
                     self._extend(row, [int(tokens[e])], [float(logprobs[e])], bool(done[e]))
                 e += 1
 
-    def _row_layout(self, group: _StartGroup, k: int, f: dict[str, np.ndarray], e: int) -> tuple[list[int], int]:
+    def _row_layout(self, group: _StartGroup, k: int, fields: dict[str, np.ndarray], e: int) -> tuple[list[int], int]:
         """Entry e's blocks and the position of its first fed token; fills its copy and resume fields."""
         if group.prefill is not None and group.prefill.resume is not None:
             item = group.prefill
-            f["resume_token"][e], f["generated"][e] = item.resume.token, item.resume.generated
+            fields["resume_token"][e], fields["generated"][e] = item.resume.token, item.resume.generated
             return item.blocks, item.tokens.size
         blocks = list(group.request.prompt_blocks)
         if k >= len(group.copies):  # a full last block, or the request's last sample
             self.blocks.hold(blocks)
             return blocks, group.request.job.prompt.size
-        f["copy_src"][e], f["copy_dst"][e] = blocks.pop(), group.copies[k]
+        fields["copy_src"][e], fields["copy_dst"][e] = blocks.pop(), group.copies[k]
         self.blocks.hold(blocks)
         return [*blocks, group.copies[k]], group.request.job.prompt.size
 

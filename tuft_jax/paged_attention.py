@@ -110,6 +110,11 @@ class _Split:
     spec: P
 
     @property
+    def blocks(self) -> bool:
+        """Whether the blocks are split (over BLOCKS_AXIS), not only the heads."""
+        return self.spec[2] is not None
+
+    @property
     def heads(self) -> P:
         """A [B, T, heads, head_dim] array with its heads laid like the pool's."""
         return P(None, None, self.spec[0], None)
@@ -121,7 +126,7 @@ class _Split:
 
 
 def _first_block(pool: jax.Array, split: _Split | None) -> jax.Array | int:
-    if split is None or split.spec[2] is None:
+    if split is None or not split.blocks:
         return 0
     return jax.lax.axis_index(BLOCKS_AXIS) * pool.shape[2]
 
@@ -145,7 +150,7 @@ def copy_blocks(pool: KVPool, src: jax.Array, dst: jax.Array, mesh: Mesh | None 
         local_src, has_src = _local(src, x, first)
         local_dst, _ = _local(dst, x, first)
         content = jnp.where(has_src[None, None, :, None, None], x[:, :, local_src], jnp.zeros((), x.dtype))
-        if split is not None and split.spec[2] is not None:
+        if split is not None and split.blocks:
             content = jax.lax.psum(content, BLOCKS_AXIS)
         return x.at[:, :, local_dst].set(content)  # blocks held elsewhere land in this device's scratch
 
@@ -207,7 +212,7 @@ class PagedView(NamedTuple):
 
         def attend(k_pool, v_pool, q, positions, tables, layer):
             m, l, acc = _partial_attention(k_pool, v_pool, q, positions, tables, layer, self.tile_blocks, split)
-            if split is not None and split.spec[2] is not None:
+            if split is not None and split.blocks:
                 top = jax.lax.pmax(m, BLOCKS_AXIS)
                 weight = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - jnp.where(top == -jnp.inf, 0.0, top)))
                 l = jax.lax.psum(l * weight, BLOCKS_AXIS)
