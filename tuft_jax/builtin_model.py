@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 from safetensors.numpy import save_file
-from transformers import LlamaConfig, PretrainedConfig, Qwen3Config
+from transformers import LlamaConfig, PretrainedConfig, Qwen3Config, Qwen3MoeConfig
 
 from tuft_jax.tiny_tokenizer import build_tiny_tokenizer
 
@@ -26,7 +26,7 @@ BUILTIN_MODEL_NAME = "tuft/tiny-qwen3"
 _BUILTIN_DIR_NAME = "tiny-qwen3-v1"
 _BUILTIN_SEED = 0
 
-CheckpointFamily = Literal["qwen3", "llama3"]
+CheckpointFamily = Literal["qwen3", "qwen3_moe", "llama3"]
 
 _TINY_DIMS: dict[str, Any] = {
     "hidden_size": 64,
@@ -51,6 +51,17 @@ LLAMA3_ROPE_PARAMETERS: dict[str, Any] = {
 }
 QWEN3_ROPE_PARAMETERS: dict[str, Any] = {"rope_type": "default", "rope_theta": 1000000.0}
 
+# Eight small experts, two per token, renormalised: every token mixes experts, and with a few
+# dozen tokens every expert gets some.
+QWEN3_MOE_DIMS: dict[str, Any] = {
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+}
+
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
@@ -74,10 +85,13 @@ def _make_config(
     if family == "qwen3":
         kwargs = {**common, "rope_parameters": QWEN3_ROPE_PARAMETERS, **overrides}
         return Qwen3Config(architectures=["Qwen3ForCausalLM"], **kwargs)
+    if family == "qwen3_moe":
+        kwargs = {**common, "rope_parameters": QWEN3_ROPE_PARAMETERS, **QWEN3_MOE_DIMS, **overrides}
+        return Qwen3MoeConfig(architectures=["Qwen3MoeForCausalLM"], **kwargs)
     if family == "llama3":
         kwargs = {**common, "rope_parameters": LLAMA3_ROPE_PARAMETERS, **overrides}
         return LlamaConfig(architectures=["LlamaForCausalLM"], **kwargs)
-    raise ValueError(f"unknown checkpoint family {family!r}; expected 'qwen3' or 'llama3'")
+    raise ValueError(f"unknown checkpoint family {family!r}; expected 'qwen3', 'qwen3_moe' or 'llama3'")
 
 
 def _tensor_shapes(config: PretrainedConfig, family: CheckpointFamily) -> dict[str, tuple[int, ...]]:
@@ -92,13 +106,20 @@ def _tensor_shapes(config: PretrainedConfig, family: CheckpointFamily) -> dict[s
         shapes[p + "self_attn.k_proj.weight"] = (kv_dim, h)
         shapes[p + "self_attn.v_proj.weight"] = (kv_dim, h)
         shapes[p + "self_attn.o_proj.weight"] = (h, q_dim)
-        if family == "qwen3":
+        if family in ("qwen3", "qwen3_moe"):
             shapes[p + "self_attn.q_norm.weight"] = (hd,)
             shapes[p + "self_attn.k_norm.weight"] = (hd,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
-        shapes[p + "mlp.up_proj.weight"] = (inter, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, inter)
+        if family == "qwen3_moe":  # the published per-expert layout
+            shapes[p + "mlp.gate.weight"] = (config.num_experts, h)
+            for e in range(config.num_experts):
+                shapes[p + f"mlp.experts.{e}.gate_proj.weight"] = (config.moe_intermediate_size, h)
+                shapes[p + f"mlp.experts.{e}.up_proj.weight"] = (config.moe_intermediate_size, h)
+                shapes[p + f"mlp.experts.{e}.down_proj.weight"] = (h, config.moe_intermediate_size)
+        else:
+            shapes[p + "mlp.gate_proj.weight"] = (inter, h)
+            shapes[p + "mlp.up_proj.weight"] = (inter, h)
+            shapes[p + "mlp.down_proj.weight"] = (h, inter)
     shapes["model.norm.weight"] = (h,)
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, h)

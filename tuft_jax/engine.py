@@ -385,8 +385,8 @@ class Engine:
             )
             args = (self.graphdef, self.base, self.lora, abstract, config, loss_fn)
             if forward_only:
-                return forward.lower(*args, lora_form=form)
-            return forward_backward.lower(*args, lora_form=form, remat=variant.remat)
+                return forward.lower(*args, lora_form=form, mesh=self.mesh)
+            return forward_backward.lower(*args, lora_form=form, remat=variant.remat, mesh=self.mesh)
 
         leaves, treedef = jax.tree.flatten(host)
         key = (forward_only, loss_fn, form, tuple(sorted(config)), treedef, tuple((x.shape[1:], x.dtype.str) for x in leaves))

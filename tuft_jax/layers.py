@@ -59,6 +59,46 @@ class RMSNorm(nnx.Module):
         return (normed * from_stored(self.weight[...]).astype(jnp.float32)).astype(x.dtype)
 
 
+def _token_groups(adapters: AdapterBatch, tokens: int, num_slots: int) -> tuple[jax.Array, jax.Array]:
+    """The `grouped` form's token order (sorted by slot) and tokens per slot."""
+    token_slots = jnp.repeat(adapters.slots, tokens)
+    return jnp.argsort(token_slots, stable=True), jnp.bincount(token_slots, length=num_slots).astype(jnp.int32)
+
+
+def per_slot_in(x: jax.Array, a: jax.Array, adapters: AdapterBatch) -> jax.Array:
+    """x [B, T, in] times each row's slot of `a` [slots, in, r]: [B, T, r], in the batch's form."""
+    a = a.astype(x.dtype)
+    if adapters.form == "single":
+        return x @ jax.lax.dynamic_index_in_dim(a, jnp.max(adapters.slots), keepdims=False)
+    if adapters.form == "per_row":
+        return jnp.einsum("btd,bdr->btr", x, a[adapters.slots])
+    if adapters.form == "every_slot":
+        own = (jnp.arange(a.shape[0]) == adapters.slots[:, None]).astype(x.dtype)
+        return jnp.einsum("btsr,bs->btr", jnp.einsum("btd,sdr->btsr", x, a), own)
+    b, t, d = x.shape
+    order, sizes = _token_groups(adapters, t, a.shape[0])
+    low = jax.lax.ragged_dot(x.reshape(b * t, d)[order], a, sizes)
+    return jnp.zeros_like(low).at[order].set(low).reshape(b, t, -1)
+
+
+def per_slot_out(low: jax.Array, b: jax.Array, adapters: AdapterBatch) -> jax.Array:
+    """low [B, T, r] times each row's slot of `b` [slots, r, out]: [B, T, out]. `every_slot`
+    places each row's low in its own slot's block of the joint [slots x r] axis and meets all of
+    `b` in one matmul, so each slot's weights are read once however many rows there are."""
+    b = b.astype(low.dtype)
+    if adapters.form == "single":
+        return low @ jax.lax.dynamic_index_in_dim(b, jnp.max(adapters.slots), keepdims=False)
+    if adapters.form == "per_row":
+        return jnp.einsum("btr,bro->bto", low, b[adapters.slots])
+    if adapters.form == "every_slot":
+        own = (jnp.arange(b.shape[0]) == adapters.slots[:, None]).astype(low.dtype)
+        return jnp.einsum("btsr,sro->bto", low[:, :, None, :] * own[:, None, :, None], b)
+    rows, t, r = low.shape
+    order, sizes = _token_groups(adapters, t, b.shape[0])
+    out = jax.lax.ragged_dot(low.reshape(rows * t, r)[order], b, sizes)
+    return jnp.zeros_like(out).at[order].set(out).reshape(rows, t, -1)
+
+
 class LoraDelta(nnx.Module):
     """The low-rank update (x @ A[slot]) @ B[slot] * scale for a batch mixing adapter slots,
     in the batch's `LoraForm`; no form makes a per-slot copy of the activations."""
@@ -69,31 +109,9 @@ class LoraDelta(nnx.Module):
         self.group = group
 
     def __call__(self, x: jax.Array, adapters: AdapterBatch) -> jax.Array:
+        # Rows of other slots (padding, the bare base model) have scale 0.
         scale = adapters.scale(self.group).astype(x.dtype)[:, None, None]
-        if adapters.form == "single":
-            # Rows of other slots (padding, the bare base model) have scale 0.
-            slot = jnp.max(adapters.slots)
-            a = jax.lax.dynamic_index_in_dim(self.lora_a[...], slot, keepdims=False).astype(x.dtype)
-            b = jax.lax.dynamic_index_in_dim(self.lora_b[...], slot, keepdims=False).astype(x.dtype)
-            return ((x @ a) * scale) @ b
-        if adapters.form == "per_row":
-            a = self.lora_a[...][adapters.slots].astype(x.dtype)
-            low = jnp.einsum("btd,bdr->btr", x, a) * scale
-            return jnp.einsum("btr,bro->bto", low, self.lora_b[...][adapters.slots].astype(x.dtype))
-        if adapters.form == "every_slot":
-            slots = self.lora_a.shape[0]
-            low = jnp.einsum("btd,sdr->btsr", x, self.lora_a[...].astype(x.dtype))
-            own = (jnp.arange(slots) == adapters.slots[:, None]).astype(x.dtype) * scale[:, :, 0]
-            return jnp.einsum("btsr,sro->bto", low * own[:, None, :, None], self.lora_b[...].astype(x.dtype))
-        b, t, d = x.shape
-        num_slots = self.lora_a.shape[0]
-        token_slots = jnp.repeat(adapters.slots, t)
-        order = jnp.argsort(token_slots, stable=True)
-        group_sizes = jnp.bincount(token_slots, length=num_slots).astype(jnp.int32)
-        token_scale = jnp.repeat(adapters.scale(self.group), t)[order].astype(x.dtype)
-        low = jax.lax.ragged_dot(x.reshape(b * t, d)[order], self.lora_a[...].astype(x.dtype), group_sizes)
-        out = jax.lax.ragged_dot(low * token_scale[:, None], self.lora_b[...].astype(x.dtype), group_sizes)
-        return jnp.zeros_like(out).at[order].set(out).reshape(b, t, -1)
+        return per_slot_out(per_slot_in(x, self.lora_a[...], adapters) * scale, self.lora_b[...], adapters)
 
 
 class LoraLinear(nnx.Module):

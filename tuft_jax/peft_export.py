@@ -5,6 +5,13 @@ loader), so it uses PEFT's layout: `adapter_config.json` plus `adapter_model.saf
 keys `base_model.model.<HF module>.lora_A.weight` ([r, in]) and `...lora_B.weight` ([out, r]),
 and scaling lora_alpha / r. Our slot leaves are A [in, r_max] and B [r_max, out] keyed by the
 HF module path, so a tensor is one slice and transpose away from PEFT's.
+
+MoE experts (`tuft_jax.moe`) are exported as PEFT's LoRA on raw parameters (`target_parameters`
+`mlp.experts.gate_up_proj` and `mlp.experts.down_proj`): per expert e, lora_A.weight holds rows
+[e r, (e + 1) r) and lora_B.weight columns e + E j (rank j), and our shared factor is repeated
+for every expert. PEFT wraps the two parameters of `mlp.experts` one inside the other in
+registration order, so gate/up's tensors are under `experts.base_layer.` and down's under
+`experts.`. Such adapters are written, not read back (`target_parameters` is refused on read).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ GROUP_MODULES: dict[str, tuple[str, ...]] = {
     "unembed": ("lm_head",),
 }
 SUPPORTED_MODULES = frozenset(name for names in GROUP_MODULES.values() for name in names)
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+_EXPERT_WRAPPER = {"gate_up_lora": "base_layer.", "down_lora": ""}
 
 # Config fields whose non-default values change what the tensors mean; reading them as plain
 # LoRA would silently compute a different function.
@@ -57,6 +66,26 @@ def peft_key(path: tuple) -> str:
     return f"base_model.model.{module}.{which}.weight"
 
 
+def _is_expert_lora(path: tuple) -> bool:
+    return len(path) >= 3 and path[-3] == "experts"
+
+
+def _expert_tensors(path: tuple, a: np.ndarray, b: np.ndarray, rank: int) -> dict[str, np.ndarray]:
+    """PEFT's per-expert lora_A [E r, in] and lora_B [out, r E] of one expert LoRA, whose
+    `path` ends in (experts, gate_up_lora | down_lora, lora_a); the factor without an expert
+    axis is shared and repeated."""
+    a, b = a[..., :rank], b[..., :rank, :]
+    experts = (a if a.ndim == 3 else b).shape[0]
+    a = np.broadcast_to(a, (experts, *a.shape[-2:]))  # [E, in, r]
+    b = np.broadcast_to(b, (experts, *b.shape[-2:]))  # [E, r, out]
+    module = ".".join(str(part) for part in path[:-2])
+    prefix = f"base_model.model.{module}.{_EXPERT_WRAPPER[str(path[-2])]}"
+    return {
+        f"{prefix}lora_A.weight": np.ascontiguousarray(np.swapaxes(a, 1, 2).reshape(experts * rank, -1)),
+        f"{prefix}lora_B.weight": np.ascontiguousarray(np.transpose(b, (2, 1, 0)).reshape(b.shape[-1], -1)),
+    }
+
+
 def _trained_groups(config: LoraConfig) -> set[str]:
     flags = {"attn": config.train_attn, "mlp": config.train_mlp, "unembed": config.train_unembed}
     return {group for group, on in flags.items() if on}
@@ -73,19 +102,28 @@ def write_peft_adapter(
     groups = _trained_groups(config)
     rank = config.rank
     tensors: dict[str, np.ndarray] = {}
+    experts = False
     for path, value in lora.items():
         if leaf_group(path) not in groups:
             continue
         value = np.asarray(value, np.float32)
+        if _is_expert_lora(path):
+            experts = True
+            if path[-1] == "lora_a":
+                tensors |= _expert_tensors(path, value, np.asarray(lora[(*path[:-1], "lora_b")], np.float32), rank)
+            continue
         weight = value[:, :rank].T if path[-1] == "lora_a" else value[:rank, :].T
         tensors[peft_key(path)] = np.ascontiguousarray(weight)
+    dense = {name for path in lora if not _is_expert_lora(path) for name in map(str, path)}
+    modules = [name for group in GROUP_MODULES if group in groups for name in GROUP_MODULES[group] if name in dense]
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
         "r": rank,
         "lora_alpha": alpha,
-        "target_modules": [name for group in GROUP_MODULES if group in groups for name in GROUP_MODULES[group]],
+        "target_modules": modules,
+        **({"target_parameters": list(EXPERT_PARAMETERS)} if experts else {}),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,

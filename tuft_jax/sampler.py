@@ -248,7 +248,7 @@ def prefill(
     index = jnp.arange(chunk.tokens.shape[1], dtype=jnp.int32)
     keep = index < chunk.length[:, None]
     positions = chunk.start[:, None] + jnp.where(keep, index, 0)
-    hidden, view = model(chunk.tokens, positions, adapters, PagedView(pool, chunk.tables, keep, tile_blocks, mesh))
+    hidden, view = model(chunk.tokens, positions, adapters, PagedView(pool, chunk.tables, keep, tile_blocks, mesh), mesh=mesh)
     last = jnp.take_along_axis(hidden, (jnp.maximum(chunk.length, 1) - 1)[:, None, None], axis=1)
     scores = (None, None, None)
     if score_prompt:
@@ -318,7 +318,7 @@ def _decode_rows(
     def body(carry):
         i, pool, token, position, generated, done, out_tokens, out_logprobs = carry
         view = PagedView(pool, tables, ~done[:, None], tile, mesh)
-        hidden, view = model(token[:, None], position[:, None], adapters, view)
+        hidden, view = model(token[:, None], position[:, None], adapters, view, mesh=mesh)
         logits = model.logits(hidden, adapters)[:, 0]
         new, logprob = draw(logits, state.keys, generated, state.temperature, state.top_k, state.top_p)
         live = ~done

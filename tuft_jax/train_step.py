@@ -17,6 +17,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from tuft_jax.chunking import CHUNK_TOKENS, map_chunks
 from tuft_jax.layers import AdapterBatch, LoraForm
@@ -61,12 +62,13 @@ def target_logprobs(
     chunk_tokens: int = CHUNK_TOKENS,
     lora_form: LoraForm = "grouped",
     remat: bool = False,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """log p(target) for every [B, T, K] target, in fp32, from logits computed chunk by chunk
     (`map_chunks`): the losses read only these, so the [B, T, V] logits are never held whole."""
     model = nnx.merge(graphdef, base, lora)
     adapters = AdapterBatch(batch.slots, batch.scales, lora_form)
-    hidden, _ = model(batch.tokens, batch.positions, adapters, remat=remat, segments=batch.segments)
+    hidden, _ = model(batch.tokens, batch.positions, adapters, remat=remat, segments=batch.segments, mesh=mesh)
 
     def chunk_logprobs(h: jax.Array, targets: jax.Array) -> jax.Array:
         logits = model.logits(h, adapters)
@@ -86,13 +88,14 @@ def _loss(
     chunk_tokens: int = CHUNK_TOKENS,
     lora_form: LoraForm = "grouped",
     remat: bool = False,
+    mesh: Mesh | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    lp = target_logprobs(graphdef, base, lora, batch, chunk_tokens, lora_form, remat)
+    lp = target_logprobs(graphdef, base, lora, batch, chunk_tokens, lora_form, remat, mesh)
     per_token = token_loss(loss_fn, lp, batch.inputs, batch.mask, config).sum(axis=2)
     return per_token.sum(), (lp, per_token)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "chunk_tokens", "lora_form", "remat"))
+@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "chunk_tokens", "lora_form", "remat", "mesh"))
 def forward_backward(
     graphdef: nnx.GraphDef,
     base: nnx.State,
@@ -103,16 +106,18 @@ def forward_backward(
     chunk_tokens: int = CHUNK_TOKENS,
     lora_form: LoraForm = "grouped",
     remat: bool = False,
+    mesh: Mesh | None = None,
 ) -> tuple[nnx.State, jax.Array, jax.Array]:
     """Returns (this batch's grads, target logprobs [B, T, K], loss per token [B, T]);
     `chunk_tokens` bounds the logits held at once (see `map_chunks`), `lora_form` picks how the
     LoRA deltas are computed (see `LoraForm`), `remat` recomputes each layer in the backward
-    pass (see `layer_stack`). The grads have every slot, or for `single` the batch's one slot
+    pass (see `layer_stack`), `mesh` is the mesh the batch is split over (MoE layers route each
+    device's tokens there, see `qwen3_moe`). The grads have every slot, or for `single` the batch's one slot
     (a leading slot axis of 1; `accumulate` puts them in place)."""
     if lora_form == "single":
         lora, batch = single_slot_view(lora, batch)
     (_, (lp, per_token)), step_grads = jax.value_and_grad(_loss, has_aux=True)(
-        lora, graphdef, base, batch, config, loss_fn, chunk_tokens, lora_form, remat
+        lora, graphdef, base, batch, config, loss_fn, chunk_tokens, lora_form, remat, mesh
     )
     return step_grads, lp, per_token
 
@@ -128,7 +133,7 @@ def accumulate(grads: nnx.State, step_grads: nnx.State, first_slot: jax.Array) -
     return jax.tree.map(add, grads, step_grads)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "lora_form"))
+@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "lora_form", "mesh"))
 def forward(
     graphdef: nnx.GraphDef,
     base: nnx.State,
@@ -137,9 +142,10 @@ def forward(
     config: Mapping[str, jax.Array],
     loss_fn: str,
     lora_form: LoraForm = "grouped",
+    mesh: Mesh | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Same outputs as forward_backward, no gradient."""
     if lora_form == "single":
         lora, batch = single_slot_view(lora, batch)
-    _, (lp, per_token) = _loss(lora, graphdef, base, batch, config, loss_fn, lora_form=lora_form)
+    _, (lp, per_token) = _loss(lora, graphdef, base, batch, config, loss_fn, lora_form=lora_form, mesh=mesh)
     return lp, per_token

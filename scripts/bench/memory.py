@@ -5,8 +5,10 @@ The jitted functions the engine runs (`train_step.forward_backward`, `sampler.pr
 buffer assignment (`compiled.memory_analysis()`) is reported. Nothing is allocated, so a 32k-token
 Qwen3-8B step can be sized on a small CPU machine. On XLA:CPU the numbers are the CPU program's:
 bf16 matmuls run in f32 and `ragged_dot` is expanded group by group, so temporaries differ from a
-GPU/TPU compile. Usage:
+GPU/TPU compile. With `--devices N` the inputs are laid over a mesh of N simulated CPU devices
+(`--tp` of them on the tp axis) as the engine lays them, and the figures are one device's. Usage:
     python scripts/bench/memory.py --model qwen3-8b --batch 1 --seq 2048 --layers 4 --json
+    python scripts/bench/memory.py --model qwen3-30b-a3b --devices 8 --batch 1 --seq 8192 --json
     python scripts/bench/memory.py --all --timeout 900 --out out/bench/memory.md
 """
 
@@ -31,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from model_shapes import SHAPES, model_dir
 from tuft_jax import sampler, train_step
@@ -39,6 +42,7 @@ from tuft_jax.models.decoder import CausalLM, DecoderConfig, LoraShape
 from tuft_jax.models.hf_config import config_from_hf
 from tuft_jax.optimizer import init_optimizer_state
 from tuft_jax.paged_attention import KVPool, init_pool, tile_blocks
+from tuft_jax.sharding import batch_sharding, make_mesh, param_sharding
 from tuft_jax.stored_dtype import stored_dtype
 
 DECODE_CHUNK = 16
@@ -58,18 +62,27 @@ ALL_CONFIGS: list[list[str]] = [
 """What `--all` measures (batch 1, train)."""
 
 
-def sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(shape, dtype)
+def sds(shape: tuple[int, ...], dtype: Any, sharding: Any = None) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
-def stored(base: nnx.State) -> nnx.State:
-    """The abstract base weights in the dtypes the engine holds them in."""
-    leaves = nnx.to_flat_state(base)
-    return nnx.from_flat_state([(path, var.replace(sds(var.shape, stored_dtype(var.dtype)))) for path, var in leaves])
+def placed(state: nnx.State, mesh: Mesh, dtype_of: Any = lambda dtype: dtype) -> nnx.State:
+    """Abstract leaves laid over `mesh` as the engine lays the parameters, in `dtype_of` their dtype."""
+    leaves = nnx.to_flat_state(state)
+    return nnx.from_flat_state([
+        (path, var.replace(sds(var.shape, dtype_of(var.dtype), param_sharding(path, var.shape, mesh)))) for path, var in leaves
+    ])  # fmt: skip
 
 
 def nbytes(tree: Any) -> int:
-    return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
+    """Bytes of the leaves, one device's share of those laid over a mesh."""
+
+    def held(leaf: Any) -> int:
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        return math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+
+    return sum(held(leaf) for leaf in jax.tree.leaves(tree))
 
 
 def decoder_config(model: str, layers: int | None, cache_dir: Path) -> DecoderConfig:
@@ -83,17 +96,21 @@ def decoder_config(model: str, layers: int | None, cache_dir: Path) -> DecoderCo
     return config_from_hf(hf)
 
 
-def train_batch(b: int, t: int) -> train_step.BatchArrays:
-    """The shapes and dtypes `Engine._forward_backward_group` builds for a cross-entropy batch."""
+def train_batch(b: int, t: int, mesh: Mesh) -> train_step.BatchArrays:
+    """The shapes, dtypes and layout `Engine._forward_backward_group` builds for a cross-entropy batch."""
+
+    def rows(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+        return sds(shape, dtype, batch_sharding(mesh, len(shape)))
+
     return train_step.BatchArrays(
-        tokens=sds((b, t), jnp.int32),
-        positions=sds((b, t), jnp.int32),
-        slots=sds((b,), jnp.int32),
-        scales=sds((b, 3), jnp.float32),
-        targets=sds((b, t, 1), jnp.int32),
-        mask=sds((b, t, 1), jnp.bool_),
-        inputs={"weights": sds((b, t, 1), jnp.float32)},
-        **({"segments": sds((b, t), jnp.int32)} if "segments" in inspect.signature(train_step.BatchArrays).parameters else {}),
+        tokens=rows((b, t), jnp.int32),
+        positions=rows((b, t), jnp.int32),
+        slots=rows((b,), jnp.int32),
+        scales=rows((b, 3), jnp.float32),
+        targets=rows((b, t, 1), jnp.int32),
+        mask=rows((b, t, 1), jnp.bool_),
+        inputs={"weights": rows((b, t, 1), jnp.float32)},
+        **({"segments": rows((b, t), jnp.int32)} if "segments" in inspect.signature(train_step.BatchArrays).parameters else {}),
     )
 
 
@@ -114,12 +131,12 @@ def kv_pool(cfg: DecoderConfig, b: int, t: int, dtype: Any) -> KVPool:
     return jax.eval_shape(lambda: init_pool(cfg.num_layers, b * blocks_for(t) + 1, cfg.num_kv_heads, cfg.head_dim, dtype))
 
 
-def form_options(adapters: int, remat: bool) -> dict[str, Any]:
-    """The LoRA form an accelerator engine picks for a batch of `adapters` runs, and remat (the
-    variant its planner takes when the plain pass does not fit); options older commits lack are
-    left out, so the bench also measures them."""
+def form_options(adapters: int, remat: bool, mesh: Mesh | None = None) -> dict[str, Any]:
+    """The LoRA form an accelerator engine picks for a batch of `adapters` runs, remat (the
+    variant its planner takes when the plain pass does not fit) and the mesh; options older
+    commits lack are left out, so the bench also measures them."""
     params = inspect.signature(train_step.forward_backward).parameters
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"mesh": mesh} if "mesh" in params and mesh is not None else {}
     if "lora_form" in params:
         options["lora_form"] = "single" if adapters == 1 else "grouped"
     if "remat" in params:
@@ -138,12 +155,13 @@ def lower(
     dtype: Any,
     adapters: int,
     remat: bool,
+    mesh: Mesh,
 ) -> jax.stages.Lowered:
     """Lowers the engine's own jitted function, called the way the engine calls it."""
     if mode == "train":
         return train_step.forward_backward.lower(
-            graphdef=graphdef, base=base, lora=lora, batch=train_batch(b, t), config={}, loss_fn="cross_entropy",
-            **form_options(adapters, remat),
+            graphdef=graphdef, base=base, lora=lora, batch=train_batch(b, t, mesh), config={}, loss_fn="cross_entropy",
+            **form_options(adapters, remat, mesh),
         )
     pool = kv_pool(cfg, b, t, dtype)
     tile = tile_blocks(t, b, cfg.num_kv_heads, cfg.head_dim)
@@ -176,10 +194,12 @@ def lower_bound(
     residual per layer with the layer recomputed in the backward pass, and logits in chunks.
 
     One layer's activations, per token: its input, two norm outputs and the mid residual (4·D),
-    q, k, v and the attention output (2·(heads + kv_heads)·head_dim), gate and up (2·F).
+    q, k, v and the attention output (2·(heads + kv_heads)·head_dim), gate and up (2·F; for MoE
+    2·k·F of the token's k experts). `b` counts one device's rows, the weights one device's share.
     """
     d, layers = cfg.hidden_size, cfg.num_layers
-    per_token = 4 * d + 2 * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim + 2 * cfg.intermediate_size
+    ffn = cfg.intermediate_size if cfg.moe is None else cfg.moe.experts_per_token * cfg.moe.intermediate_size
+    per_token = 4 * d + 2 * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim + 2 * ffn
     tokens = b * t if mode != "decode" else b
     parts = {"base_weights": base_bytes, "lora_weights": lora_bytes, "layer_activations": tokens * per_token * itemsize}
     if mode == "train":
@@ -204,20 +224,27 @@ def measure(
     cache_dir: Path,
     adapters: int = 1,
     remat: bool = True,
+    devices: int = 1,
+    tp: int = 1,
 ) -> dict[str, Any]:
+    if devices > 1 and mode != "train":
+        raise SystemExit("--devices > 1 is measured for --mode train only")
     dtype = jnp.dtype(dtype_name)
     cfg = decoder_config(model, layers, cache_dir)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, LoraShape(slots, rank), dtype=dtype))
     graphdef, lora, base = nnx.split(abstract, nnx.LoRAParam, nnx.Param)
-    base = stored(base)
+    mesh = make_mesh(jax.devices()[:devices], tp)
+    base, lora = placed(base, mesh, stored_dtype), placed(lora, mesh)
+    fsdp = mesh.shape["fsdp"]
+    rows = -(-b // fsdp) * fsdp  # the engine pads the batch to the data-parallel width
     start = time.perf_counter()
-    lowered = lower(mode, graphdef, base, lora, cfg, b, t, dtype, adapters, remat)
+    lowered = lower(mode, graphdef, base, lora, cfg, rows, t, dtype, adapters, remat, mesh)
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
-    parts = lower_bound(mode, cfg, nbytes(base), nbytes(lora), b, t, dtype.itemsize)
+    parts = lower_bound(mode, cfg, nbytes(base), nbytes(lora), rows // fsdp, t, dtype.itemsize)
     argument, output, temp, alias = (
         mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes
     )
@@ -232,9 +259,12 @@ def measure(
     # Training state the step does not take: AdamW moments and the gradient accumulator.
     outside = 0
     if mode == "train":
-        outside = nbytes(jax.eval_shape(init_optimizer_state, lora)) + nbytes(lora)
+        # The AdamW moments are laid out like the LoRA weights they follow.
+        held = nbytes(lora) / nbytes(jax.tree.map(lambda x: sds(x.shape, x.dtype), lora))
+        outside = round(nbytes(jax.eval_shape(init_optimizer_state, lora)) * held) + nbytes(lora)
     return dict(
         model=model, mode=mode, batch=b, seq=t, layers=cfg.num_layers, rank=rank, slots=slots, dtype=dtype_name,
+        devices=devices, mesh=dict(mesh.shape), rows=rows,
         adapters=adapters, **form_options(adapters, remat),
         peak_bytes=peak, peak_source=source, cpu_f32_param_copy_bytes=cpu_copies,
         peak_without_cpu_copies_bytes=peak - cpu_copies, xla_peak_bytes=reported, temp_bytes=temp, argument_bytes=argument,
@@ -311,13 +341,16 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration with --all")
     parser.add_argument("--out", type=Path, default=Path("out/bench/memory.md"))
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/tuft/bench").expanduser(), help="for tiny")
+    parser.add_argument("--devices", type=int, default=1, help="simulated CPU devices the inputs are laid over")
+    parser.add_argument("--tp", type=int, default=1, help="of those, devices on the tp axis")
     args = parser.parse_args()
+    jax.config.update("jax_num_cpu_devices", args.devices)
     if args.all:
         run_all(args.timeout, args.out)
         return
     r = measure(
         args.model, args.mode, args.batch, args.seq, args.layers, args.rank, args.slots, args.dtype, args.cache_dir,
-        args.adapters, not args.no_remat,
+        args.adapters, not args.no_remat, args.devices, args.tp,
     )
     if args.json:
         print(json.dumps(r))

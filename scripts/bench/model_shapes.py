@@ -26,6 +26,12 @@ SHAPES: dict[str, dict[str, Any]] = {
         _QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
     ),
+    "qwen3-30b-a3b": dict(
+        _QWEN3, model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[],
+    ),
     "llama3.1-8b": dict(
         model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False, rms_norm_eps=1e-5,
@@ -38,7 +44,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 """Real models' `config.json` fields (sizes, norms, RoPE); `config_from_hf` reads them as they are."""
 
-_FAMILY: dict[str, CheckpointFamily] = {"qwen3": "qwen3", "llama": "llama3"}
+_FAMILY: dict[str, CheckpointFamily] = {"qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "llama": "llama3"}
 
 
 def explicit_shape(

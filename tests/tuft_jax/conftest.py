@@ -39,7 +39,7 @@ def make_engine(tiny_checkpoint) -> MakeEngine:
             max_context_length=CONTEXT,
             max_lora_rank=max_lora_rank,
             max_adapters=MAX_ADAPTERS,
-            family="llama" if family == "llama3" else "qwen3",
+            family="llama" if family == "llama3" else family,
         )
         return Engine(spec)
 

@@ -64,11 +64,11 @@ def random_lora(engine: Engine, rank: int, seed: int, b_std: float = 0.05) -> di
     rng = np.random.default_rng(seed)
     arrays = {}
     for key, value in slot_arrays(engine.lora, 0).items():
-        x = np.zeros_like(value)
+        x = np.zeros_like(value)  # A [..., in, r_max], B [..., r_max, out] (MoE experts lead with E)
         if key.endswith("lora_a"):
-            x[:, :rank] = rng.standard_normal((x.shape[0], rank)) / np.sqrt(x.shape[0])
+            x[..., :rank] = rng.standard_normal((*x.shape[:-1], rank)) / np.sqrt(x.shape[-2])
         else:
-            x[:rank, :] = rng.standard_normal((rank, x.shape[1])) * b_std
+            x[..., :rank, :] = rng.standard_normal((*x.shape[:-2], rank, x.shape[-1])) * b_std
         arrays[key] = x.astype(np.float32)
     return arrays
 

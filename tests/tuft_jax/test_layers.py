@@ -1,5 +1,5 @@
-"""Every LoRA form computes the same delta: one slot by plain matmuls, per-row gathers, and the
-grouped (ragged_dot) segment matmul, in value and in gradient."""
+"""Every LoRA form computes the same delta: one slot by plain matmuls, per-row gathers, every
+slot at once, and the grouped (ragged_dot) segment matmul, in value and in gradient."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def scales_for(slots: np.ndarray) -> np.ndarray:
     return scales
 
 
-@pytest.mark.parametrize("form", ["per_row", "grouped"])
+@pytest.mark.parametrize("form", ["per_row", "every_slot", "grouped"])
 def test_mixed_batch_forms_agree(form: str) -> None:
     slots = np.array([3, 1, 3, 0])
     want, want_grads = delta_and_grads("grouped", slots, scales_for(slots))

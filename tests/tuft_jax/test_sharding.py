@@ -1,6 +1,7 @@
 """Training and sampling on a mesh of 8 simulated CPU devices give the same losses, LoRA weights
 and samples as one device, and each device holds an eighth of the KV pool (heads over tp=2,
-blocks over fsdp=4).
+blocks over fsdp=4); for a Qwen3-MoE too, whose experts are split over fsdp and whose tokens
+each device routes itself.
 
 XLA's device count is fixed when JAX starts, so the comparison runs in a child process that
 sets `--xla_force_host_platform_device_count=8` and trains the same adapter on a 1-device and
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
+import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from tuft_jax.sharding import MESH_AXES, logical_axes, make_mesh, spec_for
@@ -26,10 +27,10 @@ def _train(mesh_devices: int, tp: int, model_dir: Path) -> dict:
     import jax
 
     from tuft_jax.engine import Engine
-    from tuft_jax.model_registry import BaseModelSpec
+    from tuft_jax.model_registry import BaseModelSpec, detect_family
     from tuft_jax.types import AdamParams, Datum, LoraConfig, SamplingParams
 
-    spec = BaseModelSpec("tiny", model_dir, 256, 8, 4, family="qwen3")
+    spec = BaseModelSpec("tiny", model_dir, 256, 8, 4, family=detect_family(model_dir))
     engine = Engine(spec, make_mesh(jax.devices()[:mesh_devices], tp=tp), kv_cache_tokens=1024)
     slots = [engine.create_adapter(LoraConfig(rank=4, seed=s)) for s in (1, 2)]
     rng = np.random.default_rng(0)
@@ -59,10 +60,11 @@ def _train(mesh_devices: int, tp: int, model_dir: Path) -> dict:
     }  # fmt: skip
 
 
-def test_eight_device_mesh_matches_one_device(tmp_path: Path) -> None:
-    from tuft_jax.builtin_model import ensure_builtin_model
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+def test_eight_device_mesh_matches_one_device(tmp_path: Path, family: str) -> None:
+    from tuft_jax.builtin_model import build_tiny_hf_checkpoint
 
-    model_dir = ensure_builtin_model(tmp_path)
+    model_dir = build_tiny_hf_checkpoint(tmp_path / family, family, seed=0)  # type: ignore[arg-type]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     out = subprocess.run(
         [sys.executable, __file__, str(model_dir)], env=env, capture_output=True, text=True, timeout=600
@@ -72,6 +74,8 @@ def test_eight_device_mesh_matches_one_device(tmp_path: Path) -> None:
     np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-4)
     np.testing.assert_allclose(sharded["weights"], single["weights"], rtol=1e-4)
     assert any("fsdp" in s for s in sharded["shardings"]) and any("tp" in s for s in sharded["shardings"])
+    if family == "qwen3_moe":  # expert kernels [L, E, D, 2I] and [L, E, I, D]: whole experts per fsdp shard
+        assert {"P(None, 'fsdp', None, 'tp')", "P(None, 'fsdp', 'tp', None)"} <= set(sharded["shardings"])
     for ours, reference in zip(sharded["samples"], single["samples"], strict=True):
         assert [tokens for tokens, _ in ours[:-1]] == [tokens for tokens, _ in reference[:-1]]
         np.testing.assert_allclose([lp for _, lp in ours[:-1]], [lp for _, lp in reference[:-1]], atol=1e-4)
@@ -90,12 +94,24 @@ def test_logical_axes_follow_parameter_roles() -> None:
     assert logical_axes(("model", "embed_tokens", "weight"), 2) == ("vocab", "embed")
     assert logical_axes(("model", "layers", "self_attn", "q_norm", "weight"), 2) == ("layers", None)
     assert logical_axes(("lm_head", "lora", "lora_b"), 3) == ("slots", "rank", "vocab")
+    experts = ("model", "layers", "mlp", "experts")
+    assert logical_axes((*experts, "gate_up_proj"), 4) == ("layers", "experts", "embed", "mlp")
+    assert logical_axes((*experts, "gate_up_lora", "lora_b"), 5) == ("slots", "layers", "experts", "rank", "mlp")
+    assert logical_axes((*experts, "down_lora", "lora_a"), 5) == ("slots", "layers", "experts", "mlp", "rank")
+    assert logical_axes((*experts, "down_lora", "lora_b"), 4) == ("slots", "layers", "rank", "embed")
 
 
 def test_indivisible_dimensions_stay_replicated() -> None:
     mesh = AbstractMesh((4, 2), MESH_AXES)
     assert spec_for(("vocab", "embed"), (8, 64), mesh) == PartitionSpec("tp", "fsdp")
     assert spec_for(("vocab", "embed"), (7, 6), mesh) == PartitionSpec(None, None)
+
+
+def test_a_mesh_axis_splits_the_first_dimension_that_takes_it() -> None:
+    mesh = AbstractMesh((4, 2), MESH_AXES)
+    experts = ("layers", "experts", "embed", "mlp")
+    assert spec_for(experts, (2, 8, 64, 64), mesh) == PartitionSpec(None, "fsdp", None, "tp")
+    assert spec_for(experts, (2, 6, 64, 64), mesh) == PartitionSpec(None, None, "fsdp", "tp")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The pre-norm decoder-only transformer that Qwen3 and Llama 3 share, with multi-slot LoRA.
+"""The pre-norm decoder-only transformer that Qwen3, Qwen3-MoE and Llama 3 share, with multi-slot LoRA.
 
 Module and attribute names follow the Hugging Face layout (`model.layers.N.self_attn.q_proj`),
 so a parameter's path is its safetensors key once `layer_stack.unstack` gives each layer its
@@ -13,10 +13,13 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from tuft_jax.attention import attention
 from tuft_jax.layer_stack import scan_layers, stacked
 from tuft_jax.layers import AdapterBatch, LoraDelta, LoraLinear, RMSNorm, apply_rope
+from tuft_jax.models.qwen3_moe import SparseMoeBlock
+from tuft_jax.moe import MoeConfig
 from tuft_jax.paged_attention import PagedView
 from tuft_jax.stored_dtype import from_stored
 
@@ -47,6 +50,8 @@ class DecoderConfig:
     max_position_embeddings: int
     eos_token_ids: tuple[int, ...] = ()
     rope_scaling: Llama3RopeScaling | None = None
+    moe: MoeConfig | None = None
+    """Set for MoE families: every layer's MLP is a sparse MoE block."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,10 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.self_attn = Attention(config, lora, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(config, lora, dtype)
+        if config.moe is None:
+            self.mlp: MLP | SparseMoeBlock = MLP(config, lora, dtype)
+        else:
+            self.mlp = SparseMoeBlock(config.hidden_size, config.moe, slots=lora.slots, rank=lora.max_rank, dtype=dtype)
 
     def __call__(
         self,
@@ -136,10 +144,12 @@ class DecoderLayer(nnx.Module):
         adapters: AdapterBatch,
         cache: PagedView | None,
         segments: jax.Array | None,
+        mesh: Mesh | None,
     ) -> tuple[jax.Array, PagedView | None]:
         attn_out, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, adapters, cache, segments)
         x = x + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x), adapters), cache
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, adapters) if isinstance(self.mlp, MLP) else self.mlp(h, adapters, mesh)), cache
 
 
 class Embedding(nnx.Module):
@@ -212,14 +222,16 @@ class CausalLM(nnx.Module):
         cache: PagedView | None = None,
         remat: bool = False,
         segments: jax.Array | None = None,
+        mesh: Mesh | None = None,
     ) -> tuple[jax.Array, PagedView | None]:
         """Final hidden states [B, T, D] (and the updated KV cache when sampling); `remat`
         recomputes each layer in the backward pass instead of keeping its activations;
-        `segments` [B, T] (packed datums, training only) confine attention to each segment."""
+        `segments` [B, T] (packed datums, training only) confine attention to each segment;
+        `mesh` is the mesh the batch is split over (MoE blocks route per device)."""
         inv_freq = rope_frequencies(self.config)
 
         def step(layer: DecoderLayer, x: jax.Array, adapters: AdapterBatch, cache: PagedView | None):
-            return layer(x, positions, inv_freq, adapters, cache, segments)
+            return layer(x, positions, inv_freq, adapters, cache, segments, mesh)
 
         x = self.model.embed_tokens(tokens)
         x, cache = scan_layers(self.model.layers, step, x, adapters, cache, remat)

@@ -1,7 +1,8 @@
 """Hugging Face `config.json` → DecoderConfig for the supported families.
 
-Qwen3 (dense) is the shared decoder with per-head RMSNorm on queries and keys; Llama 3.x has no
-q/k norm and may carry `llama3` RoPE scaling. Fields that moved between transformers versions
+Qwen3 (dense) is the shared decoder with per-head RMSNorm on queries and keys; Qwen3-MoE adds
+its sparse MoE block (`tuft_jax.models.qwen3_moe`); Llama 3.x has no q/k norm and may carry
+`llama3` RoPE scaling. Fields that moved between transformers versions
 (`rope_parameters` in 5.x, `rope_theta`/`rope_scaling` in 4.x) are read from either place.
 """
 
@@ -11,9 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tuft_jax.models import qwen3_moe
 from tuft_jax.models.decoder import DecoderConfig, Llama3RopeScaling
 
-SUPPORTED_MODEL_TYPES = {"qwen3": True, "llama": False}  # model_type -> uses q/k RMSNorm
+SUPPORTED_MODEL_TYPES = {"qwen3": True, qwen3_moe.MODEL_TYPE: True, "llama": False}  # model_type -> uses q/k RMSNorm
 
 
 def load_decoder_config(model_dir: Path) -> DecoderConfig:
@@ -42,6 +44,7 @@ def config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
         qk_norm=SUPPORTED_MODEL_TYPES[model_type],
         max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
         eos_token_ids=_eos_token_ids(hf),
+        moe=qwen3_moe.moe_config_from_hf(hf) if model_type == qwen3_moe.MODEL_TYPE else None,
     )
 
 

@@ -2,7 +2,9 @@
 
 Parameter paths equal safetensors keys once a stacked layer leaf is read as one tensor per
 layer (`layer_stack.layer_paths`), so the weight map is one rule: projection kernels are
-transposed to [in, out]; everything else loads as stored. LoRA slots start at zero.
+transposed to [in, out]; everything else loads as stored. MoE expert kernels are the exception:
+each is assembled from its family's checkpoint layout (`qwen3_moe.expert_tensor`). LoRA slots
+start at zero.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from safetensors import safe_open
 from tuft_jax.layer_stack import layer_paths
 from tuft_jax.stored_dtype import stored_dtype
 from tuft_jax.models.decoder import CausalLM, DecoderConfig, LoraShape
+from tuft_jax.models.qwen3_moe import expert_tensor
 from tuft_jax.models.hf_config import load_decoder_config
 from tuft_jax.sharding import param_sharding
 
@@ -45,11 +48,8 @@ def _shard_files(model_dir: Path) -> dict[str, Path]:
         return {key: single for key in f.keys()}
 
 
-def _read(handles: dict, files: dict[str, Path], model_dir: Path, key: str, transpose: bool) -> np.ndarray:
-    if key not in files:
-        raise ValueError(f"{model_dir}: checkpoint has no tensor {key!r}")
-    tensor = handles[files[key]].get_tensor(key)
-    return tensor.T if transpose else tensor
+def is_expert_kernel(path: tuple) -> bool:
+    return len(path) >= 2 and path[-2] == "experts"
 
 
 def load_causal_lm(
@@ -61,13 +61,26 @@ def load_causal_lm(
     graphdef, lora_abstract, base_abstract = nnx.split(abstract, nnx.LoRAParam, nnx.Param)
     files = _shard_files(model_dir)
     handles = {path: safe_open(path, framework="flax") for path in set(files.values())}
+
+    def read(key: str) -> np.ndarray:
+        if key not in files:
+            raise ValueError(f"{model_dir}: checkpoint has no tensor {key!r}")
+        return np.asarray(handles[files[key]].get_tensor(key))
+
+    def tensor_of(path: tuple) -> np.ndarray:
+        key = hf_key(path)
+        if is_expert_kernel(path):
+            assert config.moe is not None
+            prefix, _, name = key.rpartition(".")
+            return expert_tensor(prefix, name, config.moe.num_experts, read, files.__contains__)
+        return read(key).T if is_projection(path) else read(key)
+
     base_leaves = []
     for path, var in nnx.to_flat_state(base_abstract):
-        keys = [hf_key(p) for p in layer_paths(path, config.num_layers)]
-        tensors = [_read(handles, files, model_dir, key, is_projection(path)) for key in keys]
-        tensor = tensors[0] if keys == [hf_key(path)] else np.stack(tensors)
+        paths = layer_paths(path, config.num_layers)
+        tensor = tensor_of(path) if paths == [path] else np.stack([tensor_of(p) for p in paths])
         if tensor.shape != var.shape:
-            raise ValueError(f"{model_dir}: {keys[0]} has shape {tensor.shape}, expected {var.shape}")
+            raise ValueError(f"{model_dir}: {hf_key(paths[0])} has shape {tensor.shape}, expected {var.shape}")
         tensor = np.asarray(tensor.astype(dtype)).view(stored_dtype(dtype))
         placed = jax.device_put(tensor, param_sharding(path, var.shape, mesh))
         base_leaves.append((path, var.replace(placed)))

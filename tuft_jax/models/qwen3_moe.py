@@ -1,0 +1,97 @@
+"""Qwen3-MoE (`Qwen3MoeForCausalLM`): the Qwen3 decoder with a sparse MoE block as every layer's MLP.
+
+The block routes each token by a softmax over all experts, keeps the top `num_experts_per_tok`
+(renormalised when `norm_topk_prob`), and runs SwiGLU experts (`tuft_jax.moe`). Published
+checkpoints store each expert's projections apart (`mlp.experts.3.gate_proj.weight`, [I, D]);
+transformers 5 holds them fused in memory (`mlp.experts.gate_up_proj` [E, 2I, D], gate first,
+and `down_proj` [E, D, I]). Both load. Layers that keep a dense MLP (`mlp_only_layers`, or
+`decoder_sparse_step` > 1) are refused: the layers run as one scanned stack of equal layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from tuft_jax.layers import AdapterBatch
+from tuft_jax.moe import Experts, MoeConfig, Router, softmax_top_k
+from tuft_jax.sharding import BATCH_AXIS
+
+MODEL_TYPE = "qwen3_moe"
+
+
+def moe_config_from_hf(hf: dict[str, Any]) -> MoeConfig:
+    layers = int(hf["num_hidden_layers"])
+    step = int(hf.get("decoder_sparse_step", 1))
+    dense = sorted(set(hf.get("mlp_only_layers") or []) | {i for i in range(layers) if (i + 1) % step})
+    if dense:
+        raise ValueError(f"{MODEL_TYPE}: layers {dense} keep a dense MLP (mlp_only_layers / decoder_sparse_step); only all-MoE stacks are supported")
+    return MoeConfig(
+        num_experts=int(hf.get("num_experts") or hf["num_local_experts"]),
+        experts_per_token=int(hf["num_experts_per_tok"]),
+        intermediate_size=int(hf["moe_intermediate_size"]),
+        normalize_top_k=bool(hf.get("norm_topk_prob", False)),
+    )
+
+
+def swiglu(h: jax.Array) -> jax.Array:
+    """silu(gate) * up of a fused [A, 2I] gate/up output, gate first."""
+    gate, up = jnp.split(h, 2, axis=-1)
+    return jax.nn.silu(gate) * up
+
+
+class SparseMoeBlock(nnx.Module):
+    def __init__(self, hidden_size: int, config: MoeConfig, *, slots: int, rank: int, dtype: jnp.dtype) -> None:
+        self.gate = Router(hidden_size, config.num_experts, dtype)
+        self.experts = Experts(config, hidden_size, swiglu, slots=slots, rank=rank, dtype=dtype)
+        self.config = config
+
+    def __call__(self, x: jax.Array, adapters: AdapterBatch, mesh: Mesh | None) -> jax.Array:
+        """With the batch split over the mesh, each device routes and computes its own tokens
+        (`per_device`); otherwise one routing covers the batch."""
+        if mesh is None or mesh.shape[BATCH_AXIS] == 1 or x.shape[0] % mesh.shape[BATCH_AXIS]:
+            return self._routed(x, adapters)
+        return per_device(self, x, adapters, mesh)
+
+    def _routed(self, x: jax.Array, adapters: AdapterBatch) -> jax.Array:
+        routing = softmax_top_k(self.gate(x), self.config.experts_per_token, self.config.normalize_top_k)
+        return self.experts(x, routing, adapters)
+
+
+def per_device(block: SparseMoeBlock, x: jax.Array, adapters: AdapterBatch, mesh: Mesh) -> jax.Array:
+    """The block under `shard_map`: each device sorts only its rows' tokens by expert, with the
+    layer's experts gathered to it like any fsdp-split weight. Left to XLA's partitioner, the
+    sort over the whole batch is replicated: every device would dispatch every token."""
+    graphdef, state = nnx.split(block)
+
+    def local(state: nnx.State, x: jax.Array, slots: jax.Array, scales: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, state)._routed(x, AdapterBatch(slots, scales, adapters.form))
+
+    rows = P(BATCH_AXIS)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), rows, rows, rows), out_specs=rows, check_vma=False)(
+        state, x, adapters.slots, adapters.scales
+    )
+
+
+Read = Callable[[str], np.ndarray]
+"""Reads one checkpoint tensor by key, as stored."""
+
+
+def expert_tensor(layer_prefix: str, name: str, num_experts: int, read: Read, has: Callable[[str], bool]) -> np.ndarray:
+    """One layer's expert kernel `name` (`gate_up_proj` [E, D, 2I] or `down_proj` [E, I, D]) from
+    the checkpoint, in either layout; `layer_prefix` is `model.layers.N.mlp.experts`."""
+    fused = f"{layer_prefix}.{name}"
+    if has(fused):
+        return np.swapaxes(read(fused), 1, 2)
+    parts = ("gate_proj", "up_proj") if name == "gate_up_proj" else ("down_proj",)
+    per_expert = [
+        np.concatenate([read(f"{layer_prefix}.{e}.{part}.weight").T for part in parts], axis=-1) for e in range(num_experts)
+    ]
+    return np.stack(per_expert)

@@ -1,0 +1,205 @@
+"""Mixture-of-experts layers shared by the MoE families: the router, capacity-free top-k dispatch
+through grouped matmuls, and expert LoRA in the shared-outer-factor form.
+
+Dispatch. A token's k (token, expert) assignments are sorted by expert, so one grouped matmul
+per projection multiplies each expert's tokens by that expert's weights: no token is dropped,
+no expert computes another's tokens. Results go back to token order and are summed with the
+routing weights. The grouped matmul is `ragged_dot` on accelerators. XLA:CPU expands
+`ragged_dot` into one dense product per group, each the size of the whole output (a Qwen3-30B-A3B
+layer at 8k tokens: 128 x 65536 x 1536 values per projection), so on CPU it runs as tiles of
+rows instead (`grouped_matmul`).
+
+Expert LoRA, shared outer factors. An expert's gate/up projection maps the hidden state [D] to
+[2I], its down projection [I] back to [D]. A per-expert LoRA would hold E x (D + 2I) x r and
+E x (I + D) x r. Here the factor on the hidden-state side (the outer one) is one matrix shared
+by all experts, and only the factor on the expert's own side is per expert:
+
+    gate_up_e(x) = x W_gu,e + s (x A_gu) B_gu,e        A_gu [D, r],    B_gu,e [r, 2I]
+    down_e(y)    = y W_d,e  + s (y A_d,e) B_d          A_d,e [I, r],   B_d [r, D]
+
+so an adapter holds 2 D r + 3 E I r per MoE layer instead of E (2 D + 3 I) r (Qwen3-30B-A3B,
+r = 32: 9.6 M against 26 M parameters a layer). The shared factors run once per token: x A_gu
+before dispatch, and B_d after the routing-weighted sum over the token's experts (exact, as
+B_d is the same for all of them). The per-expert factors run grouped like the base weights,
+over (expert, adapter slot) groups. Exported to PEFT (`target_parameters`), each expert gets
+its own A and B with the shared factor repeated, which computes the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tuft_jax.layers import AdapterBatch, per_slot_in, per_slot_out
+from tuft_jax.stored_dtype import from_stored
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    num_experts: int
+    experts_per_token: int
+    intermediate_size: int
+    normalize_top_k: bool
+
+
+class Routing(NamedTuple):
+    """Each token's experts and their weights, [N, k] each."""
+
+    experts: jax.Array
+    weights: jax.Array
+
+
+def softmax_top_k(logits: jax.Array, k: int, normalize: bool) -> Routing:
+    """Softmax over all experts (fp32), then the k largest, renormalised over those k if asked."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return Routing(experts.astype(jnp.int32), weights)
+
+
+class Router(nnx.Module):
+    """The frozen router projection, kernel stored [hidden, experts]."""
+
+    def __init__(self, hidden_size: int, num_experts: int, dtype: jnp.dtype) -> None:
+        self.weight = nnx.Param(jnp.zeros((hidden_size, num_experts), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Router logits [N, E] of x [B, T, D]."""
+        return (x @ from_stored(self.weight[...])).reshape(-1, self.weight.shape[1])
+
+
+class ExpertLora(nnx.Module):
+    """One projection's expert LoRA, `lora_a` [slots, (E,) in, r] and `lora_b` [slots, (E,) r,
+    out]: the expert axis is on the factor `per_expert` names, the other is shared."""
+
+    def __init__(
+        self, in_features: int, out_features: int, num_experts: int, *, per_expert: Literal["a", "b"], slots: int, rank: int
+    ) -> None:
+        experts_a = (num_experts,) if per_expert == "a" else ()
+        experts_b = (num_experts,) if per_expert == "b" else ()
+        self.lora_a = nnx.LoRAParam(jnp.zeros((slots, *experts_a, in_features, rank), jnp.float32))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((slots, *experts_b, rank, out_features), jnp.float32))
+
+
+CPU_TILE_ROWS = 256
+"""Rows per tile of the CPU grouped matmul."""
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """x [A, K] (rows sorted by group) times w [G, K, N], row i by the weights of its group:
+    [A, N]. Rows past the groups' total come out as zeros."""
+    if jax.default_backend() != "cpu":
+        return jax.lax.ragged_dot(x, w, group_sizes)
+    return _tiled_grouped_matmul(x, w, group_sizes)
+
+
+def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """The grouped matmul as a loop over (row tile, group) pairs that overlap: at most tiles +
+    groups of them, each one [m, K] x [K, N] product masked to the group's rows, so memory is
+    O(A N) and compute O((A + G m) K N), whatever the group sizes."""
+    rows, k = x.shape
+    groups, _, n = w.shape
+    m = min(CPU_TILE_ROWS, rows)
+    tiles = -(-rows // m)
+    x = jnp.pad(x, ((0, tiles * m - rows), (0, 0)))
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+
+    def advance(carry: tuple[jax.Array, jax.Array], _: None) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+        tile, group = carry
+        next_group = (group < groups) & (ends[jnp.minimum(group, groups - 1)] <= (tile + 1) * m)
+        return (jnp.where(next_group, tile, tile + 1), jnp.where(next_group, group + 1, group)), jnp.stack([tile, group])
+
+    _, items = jax.lax.scan(advance, (jnp.int32(0), jnp.int32(0)), None, length=tiles + groups)
+    tile_of, group_of = items[:, 0], items[:, 1]
+    valid = (tile_of < tiles) & (group_of < groups)
+    tile_of, group_of = jnp.minimum(tile_of, tiles - 1), jnp.minimum(group_of, groups - 1)
+
+    @jax.checkpoint
+    def product(item: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        tile, group, ok = item
+        row = tile * m + jnp.arange(m)
+        mine = ok & (row >= starts[group]) & (row < ends[group])
+        block = jax.lax.dynamic_slice_in_dim(x, tile * m, m) @ w[group]
+        return jnp.where(mine[:, None], block, jnp.zeros((), block.dtype))
+
+    blocks = jax.lax.map(product, (tile_of, group_of, valid))
+    out = jnp.zeros((tiles, m, n), blocks.dtype).at[tile_of].add(blocks)
+    return out.reshape(tiles * m, n)[:rows]
+
+
+class _Dispatch(NamedTuple):
+    """Assignments sorted by (expert, slot): the token each reads, the permutation back to
+    (token, k) order, and group sizes per expert (base weights) and per group of the per-expert
+    LoRA factors ((expert, slot); per expert in the `single` form, where one slot serves all)."""
+
+    source: jax.Array
+    inverse: jax.Array
+    per_expert: jax.Array
+    per_group: jax.Array
+
+
+def _dispatch(routing: Routing, adapters: AdapterBatch, tokens_per_row: int, num_experts: int, num_slots: int) -> _Dispatch:
+    n, k = routing.experts.shape
+    experts = routing.experts.reshape(-1)
+    token = jnp.repeat(jnp.arange(n), k)
+    per_expert = jnp.bincount(experts, length=num_experts).astype(jnp.int32)
+    if adapters.form == "single":
+        key, per_group = experts, per_expert
+    else:
+        key = experts * num_slots + adapters.slots[token // tokens_per_row]
+        per_group = jnp.bincount(key, length=num_experts * num_slots).astype(jnp.int32)
+    order = jnp.argsort(key, stable=True)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+    return _Dispatch(token[order], inverse, per_expert, per_group)
+
+
+def _grouped(factor: jax.Array, adapters: AdapterBatch, dtype: jnp.dtype) -> jax.Array:
+    """A per-expert LoRA factor [slots, E, p, q] as the right-hand side of the dispatch groups."""
+    if adapters.form == "single":
+        return jax.lax.dynamic_index_in_dim(factor, jnp.max(adapters.slots), keepdims=False).astype(dtype)
+    return jnp.swapaxes(factor, 0, 1).reshape(-1, *factor.shape[2:]).astype(dtype)
+
+
+GatedActivation = Callable[[jax.Array], jax.Array]
+"""The family's gated activation: the gate/up projection's output [A, 2I] -> [A, I]."""
+
+
+class Experts(nnx.Module):
+    """E experts' gate/up [E, D, 2I] and down [E, I, D] kernels (stored [in, out]) with their LoRA."""
+
+    def __init__(
+        self, config: MoeConfig, hidden_size: int, activation: GatedActivation, *, slots: int, rank: int, dtype: jnp.dtype
+    ) -> None:
+        e, d, i = config.num_experts, hidden_size, config.intermediate_size
+        self.gate_up_proj = nnx.Param(jnp.zeros((e, d, 2 * i), dtype))
+        self.down_proj = nnx.Param(jnp.zeros((e, i, d), dtype))
+        self.gate_up_lora = ExpertLora(d, 2 * i, e, per_expert="b", slots=slots, rank=rank)
+        self.down_lora = ExpertLora(i, d, e, per_expert="a", slots=slots, rank=rank)
+        self.activation = activation
+
+    def __call__(self, x: jax.Array, routing: Routing, adapters: AdapterBatch) -> jax.Array:
+        """The routing-weighted sum of each token's experts on x [B, T, D]."""
+        b, t, d = x.shape
+        n, k = routing.experts.shape
+        num_experts = self.gate_up_proj.shape[0]
+        plan = _dispatch(routing, adapters, t, num_experts, self.gate_up_lora.lora_a.shape[0])
+        scale = adapters.scale("mlp").astype(x.dtype)[:, None, None]
+
+        def token_order(y: jax.Array) -> jax.Array:  # [A, q] sorted -> routing-weighted [N, q]
+            return jnp.einsum("nkq,nk->nq", y[plan.inverse].reshape(n, k, -1), routing.weights.astype(y.dtype))
+
+        shared_in = (per_slot_in(x, self.gate_up_lora.lora_a[...], adapters) * scale).reshape(n, -1)
+        h = grouped_matmul(x.reshape(n, d)[plan.source], from_stored(self.gate_up_proj[...]), plan.per_expert)
+        h = h + grouped_matmul(shared_in[plan.source], _grouped(self.gate_up_lora.lora_b[...], adapters, x.dtype), plan.per_group)
+        y = self.activation(h)
+        out = grouped_matmul(y, from_stored(self.down_proj[...]), plan.per_expert)
+        low = grouped_matmul(y, _grouped(self.down_lora.lora_a[...], adapters, x.dtype), plan.per_group)
+        shared_out = per_slot_out(token_order(low).reshape(b, t, -1) * scale, self.down_lora.lora_b[...], adapters)
+        return token_order(out).reshape(b, t, d) + shared_out
