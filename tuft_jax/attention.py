@@ -1,7 +1,10 @@
 """Attention kernels, picked per backend at trace time.
 
 The mask is position based: a query sees the keys of its row whose position is <= its own (and,
-with segment ids, whose segment equals its own, for packed sequences). `dense_attention` builds
+with segment ids, whose segment equals its own, for packed sequences; with a sliding `window`,
+only the `window` latest of them: q_pos - k_pos < window). Attention `sinks` (one logit per
+head, gpt-oss) join each query's softmax as a key with no value. Both are traced values, so the
+layers of one scanned stack can differ in them. `dense_attention` builds
 the fp32 scores [B, kv_heads, groups, T, S] and autodiff keeps them for the backward pass, which
 at 32k tokens is hundreds of GB per layer; `blockwise_attention` holds one [block_q, block_k]
 tile of scores at a time in the forward and the backward pass; `splash_attention` is the TPU
@@ -34,14 +37,29 @@ CPU_BLOCK = 128
 1.4-3x slower there. Other backends take 512 (fewer loop steps; not measured here)."""
 
 
-def _mask(q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None, k_seg: jax.Array | None) -> jax.Array:
+def _mask(
+    q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None, k_seg: jax.Array | None, window: jax.Array | None
+) -> jax.Array:
     """[B, T, S]: which keys each query sees."""
     if (q_seg is None) != (k_seg is None):
         raise ValueError("pass both query and key segment ids, or neither")
     allowed = k_pos[:, None, :] <= q_pos[:, :, None]
+    if window is not None:  # where causal, both positions are real (>= 0): the difference cannot wrap
+        allowed &= q_pos[:, :, None] - k_pos[:, None, :] < window
     if q_seg is not None:
         allowed &= k_seg[:, None, :] == q_seg[:, :, None]
     return allowed
+
+
+def add_sinks(m: jax.Array, l: jax.Array, acc: jax.Array, sinks: jax.Array | None) -> tuple[jax.Array, ...]:
+    """An online softmax's running max m, sum l and weighted values acc ([K, G] leading the
+    head axes of m and l, see the callers) with each head's sink logit added as one more key
+    whose value is zero."""
+    if sinks is None:
+        return m, l, acc
+    top = jnp.maximum(m, sinks)
+    keep = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - top))
+    return top, l * keep + jnp.exp(sinks - top), acc * keep[..., None]
 
 
 def dense_attention(
@@ -52,15 +70,21 @@ def dense_attention(
     k_positions: jax.Array,
     q_segments: jax.Array | None = None,
     k_segments: jax.Array | None = None,
+    window: jax.Array | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """The whole score matrix at once: q is [B, T, H, D]; k, v are [B, S, K, D] with H a multiple of K."""
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
-    allowed = _mask(q_positions, k_positions, q_segments, k_segments)
+    allowed = _mask(q_positions, k_positions, q_segments, k_segments, window)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    else:
+        sink = jnp.broadcast_to(sinks.reshape(kv_heads, -1)[None, :, :, None, None], (*scores.shape[:-1], 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink.astype(jnp.float32)], axis=-1), axis=-1)[..., :-1].astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
 
@@ -142,14 +166,16 @@ def _scores(x: _Blocks, i: jax.Array, j: jax.Array, mask: jax.Array, scale: floa
     return jnp.where(mask[:, None, None], s, -jnp.inf)
 
 
-def _forward(x: _Blocks, scale: float) -> tuple[jax.Array, jax.Array]:
+def _forward(x: _Blocks, scale: float, window: jax.Array | None, sinks: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Online softmax over key blocks, one query block at a time: the output [nq, B, K, G, bq, D]
-    (fp32) and each query's logsumexp [nq, B, K, G, bq]. A query that sees no key gets zeros."""
+    (fp32) and each query's logsumexp [nq, B, K, G, bq] (sinks included). A query that sees no
+    key gets zeros."""
     num_k = x.k.shape[0]
+    head_sinks = None if sinks is None else sinks.reshape(x.q.shape[2], x.q.shape[3])[None, :, :, None]
 
     def query_block(_, i: jax.Array) -> tuple[None, tuple[jax.Array, jax.Array]]:
         def key_block(j: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-            mask = _mask(x.q_pos[i], x.k_pos[j], _seg(x.q_seg, i), _seg(x.k_seg, j))
+            mask = _mask(x.q_pos[i], x.k_pos[j], _seg(x.q_seg, i), _seg(x.k_seg, j), window)
 
             def update(carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
                 m, l, acc = carry
@@ -166,7 +192,7 @@ def _forward(x: _Blocks, scale: float) -> tuple[jax.Array, jax.Array]:
         stats = x.q.shape[1:-1]
         f32 = jnp.float32
         init = (jnp.full(stats, -jnp.inf, f32), jnp.zeros(stats, f32), jnp.zeros(x.q.shape[1:], f32))
-        m, l, acc = _loop(num_k, key_block, init)
+        m, l, acc = add_sinks(*_loop(num_k, key_block, init), head_sinks)
         seen = l > 0
         out = acc / jnp.where(seen, l, 1.0)[..., None]
         return None, (out, jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0))
@@ -175,15 +201,18 @@ def _forward(x: _Blocks, scale: float) -> tuple[jax.Array, jax.Array]:
     return out, lse
 
 
-def _backward(x: _Blocks, out: jax.Array, lse: jax.Array, d_out: jax.Array, scale: float) -> tuple[jax.Array, ...]:
+def _backward(
+    x: _Blocks, out: jax.Array, lse: jax.Array, d_out: jax.Array, scale: float, window: jax.Array | None
+) -> tuple[jax.Array, ...]:
     """FlashAttention-2 backward: per key block, loop over query blocks recomputing the scores from
-    the logsumexp, accumulating dk and dv for the block and adding into dq (all fp32)."""
+    the logsumexp, accumulating dk and dv for the block and adding into dq (all fp32). Sinks need
+    nothing here: they are in the logsumexp, and their value is zero."""
     num_q = x.q.shape[0]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
     def key_block(dq: jax.Array, j: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         def query_block(i: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-            mask = _mask(x.q_pos[i], x.k_pos[j], _seg(x.q_seg, i), _seg(x.k_seg, j))
+            mask = _mask(x.q_pos[i], x.k_pos[j], _seg(x.q_seg, i), _seg(x.k_seg, j), window)
 
             def update(carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
                 dq, dk, dv = carry
@@ -207,34 +236,33 @@ def _backward(x: _Blocks, out: jax.Array, lse: jax.Array, d_out: jax.Array, scal
     return dq, dk, dv
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q: int, block_k: int) -> jax.Array:
-    return _blockwise_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def _blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, window, sinks, block_q: int, block_k: int) -> jax.Array:
+    return _blockwise_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, window, sinks, block_q, block_k)[0]
 
 
-def _blockwise_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q: int, block_k: int):
-    out, lse = _forward(_blocks(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k), 1.0 / q.shape[-1] ** 0.5)
+def _blockwise_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, window, sinks, block_q: int, block_k: int):
+    x = _blocks(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
+    out, lse = _forward(x, 1.0 / q.shape[-1] ** 0.5, window, sinks)
     out = _merge(out, q.shape[1]).reshape(q.shape).astype(q.dtype)
-    return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse)
+    return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, window, out, lse)
 
 
 def _blockwise_bwd(block_q: int, block_k: int, residuals, d_out: jax.Array):
-    q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = residuals
+    """No gradient for the window or the sinks (frozen base weights: the engine never asks)."""
+    q, k, v, q_pos, k_pos, q_seg, k_seg, window, out, lse = residuals
     x = _blocks(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
     b, t, kv_heads = q.shape[0], q.shape[1], k.shape[2]
     grouped = (b, t, kv_heads, q.shape[2] // kv_heads, q.shape[3])
     d_out_blocks = _split(d_out.reshape(grouped), block_q)
     out_blocks = _split(out.reshape(grouped), block_q)
-    dq, dk, dv = _backward(x, out_blocks, lse, d_out_blocks, 1.0 / q.shape[-1] ** 0.5)
+    dq, dk, dv = _backward(x, out_blocks, lse, d_out_blocks, 1.0 / q.shape[-1] ** 0.5, window)
     s = k.shape[1]
     return (
         _merge(dq, t).reshape(q.shape).astype(q.dtype),
         _merge(dk, s).astype(k.dtype),
         _merge(dv, s).astype(v.dtype),
-        None,
-        None,
-        None,
-        None,
+        *[None] * 6,
     )
 
 
@@ -249,6 +277,8 @@ def blockwise_attention(
     k_positions: jax.Array,
     q_segments: jax.Array | None = None,
     k_segments: jax.Array | None = None,
+    window: jax.Array | None = None,
+    sinks: jax.Array | None = None,
     *,
     block_q: int = 512,
     block_k: int = 512,
@@ -260,7 +290,7 @@ def blockwise_attention(
     skipped. Blocks are clamped to the lengths and evened out to pad as little as possible.
     """
     bq, bk = _fit(q.shape[1], block_q), _fit(k.shape[1], block_k)
-    return _blockwise(q, k, v, q_positions, k_positions, q_segments, k_segments, bq, bk)
+    return _blockwise(q, k, v, q_positions, k_positions, q_segments, k_segments, window, sinks, bq, bk)
 
 
 def _index_causal(
@@ -338,9 +368,12 @@ def attention(
     k_positions: jax.Array,
     q_segments: jax.Array | None = None,
     k_segments: jax.Array | None = None,
+    window: jax.Array | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """Grouped-query causal attention: a query sees the keys whose position is <= its own (and,
-    with segment ids [B, T] / [B, S], only keys of its own segment). q is [B, T, H, D]; k, v are
+    with segment ids [B, T] / [B, S], only keys of its own segment; with a `window`, only keys
+    fewer than `window` positions back; `sinks` [H] add a valueless logit per head). q is [B, T, H, D]; k, v are
     [B, S, K, D] with H a multiple of K. Padding after a sequence is never attended by its real
     tokens, and a KV cache is written in position order. The kernel is picked at trace
     time: dense for short queries or small score matrices, Splash on a single TPU (a mesh would need it under
@@ -350,9 +383,10 @@ def attention(
     args = (q, k, v, q_positions, k_positions, q_segments, k_segments)
     b, t, h, _ = q.shape
     if t <= DENSE_MAX_QUERIES or b * h * t * k.shape[1] * 4 <= DENSE_MAX_SCORE_BYTES:
-        return dense_attention(*args)
+        return dense_attention(*args, window, sinks)
     backend = jax.default_backend()
-    if backend == "tpu" and jax.device_count() == 1 and splash_fits(q, k):
+    plain = window is None and sinks is None
+    if backend == "tpu" and jax.device_count() == 1 and splash_fits(q, k) and plain:
         return splash_attention(*args)
     block = CPU_BLOCK if backend == "cpu" else 512
-    return blockwise_attention(*args, block_q=block, block_k=block)
+    return blockwise_attention(*args, window, sinks, block_q=block, block_k=block)

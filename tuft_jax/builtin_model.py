@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 from safetensors.numpy import save_file
-from transformers import LlamaConfig, PretrainedConfig, Qwen3Config, Qwen3MoeConfig
+from transformers import GptOssConfig, LlamaConfig, PretrainedConfig, Qwen3Config, Qwen3MoeConfig
 
 from tuft_jax.tiny_tokenizer import build_tiny_tokenizer
 
@@ -26,7 +26,7 @@ BUILTIN_MODEL_NAME = "tuft/tiny-qwen3"
 _BUILTIN_DIR_NAME = "tiny-qwen3-v1"
 _BUILTIN_SEED = 0
 
-CheckpointFamily = Literal["qwen3", "qwen3_moe", "llama3"]
+CheckpointFamily = Literal["qwen3", "qwen3_moe", "gpt_oss", "llama3"]
 
 _TINY_DIMS: dict[str, Any] = {
     "hidden_size": 64,
@@ -62,6 +62,19 @@ QWEN3_MOE_DIMS: dict[str, Any] = {
     "mlp_only_layers": [],
 }
 
+# gpt-oss: the same expert geometry, a sliding window of 8 on even layers (test sequences run
+# past it), and YaRN as gpt-oss ships it, over an original context of 64 (x 32 = the tiny 2048).
+GPT_OSS_DIMS: dict[str, Any] = {
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "intermediate_size": 32,
+    "sliding_window": 8,
+    "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+        "truncate": False, "original_max_position_embeddings": 64,
+    },
+}  # fmt: skip
+
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
@@ -88,10 +101,13 @@ def _make_config(
     if family == "qwen3_moe":
         kwargs = {**common, "rope_parameters": QWEN3_ROPE_PARAMETERS, **QWEN3_MOE_DIMS, **overrides}
         return Qwen3MoeConfig(architectures=["Qwen3MoeForCausalLM"], **kwargs)
+    if family == "gpt_oss":
+        kwargs = {**common, **GPT_OSS_DIMS, **overrides}
+        return GptOssConfig(architectures=["GptOssForCausalLM"], **kwargs)
     if family == "llama3":
         kwargs = {**common, "rope_parameters": LLAMA3_ROPE_PARAMETERS, **overrides}
         return LlamaConfig(architectures=["LlamaForCausalLM"], **kwargs)
-    raise ValueError(f"unknown checkpoint family {family!r}; expected 'qwen3', 'qwen3_moe' or 'llama3'")
+    raise ValueError(f"unknown checkpoint family {family!r}; expected 'qwen3', 'qwen3_moe', 'gpt_oss' or 'llama3'")
 
 
 def _tensor_shapes(config: PretrainedConfig, family: CheckpointFamily) -> dict[str, tuple[int, ...]]:
@@ -106,6 +122,10 @@ def _tensor_shapes(config: PretrainedConfig, family: CheckpointFamily) -> dict[s
         shapes[p + "self_attn.k_proj.weight"] = (kv_dim, h)
         shapes[p + "self_attn.v_proj.weight"] = (kv_dim, h)
         shapes[p + "self_attn.o_proj.weight"] = (h, q_dim)
+        if family == "gpt_oss":
+            shapes |= {p + "self_attn.q_proj.bias": (q_dim,), p + "self_attn.k_proj.bias": (kv_dim,)}
+            shapes |= {p + "self_attn.v_proj.bias": (kv_dim,), p + "self_attn.o_proj.bias": (h,)}
+            shapes[p + "self_attn.sinks"] = (config.num_attention_heads,)
         if family in ("qwen3", "qwen3_moe"):
             shapes[p + "self_attn.q_norm.weight"] = (hd,)
             shapes[p + "self_attn.k_norm.weight"] = (hd,)
@@ -116,6 +136,11 @@ def _tensor_shapes(config: PretrainedConfig, family: CheckpointFamily) -> dict[s
                 shapes[p + f"mlp.experts.{e}.gate_proj.weight"] = (config.moe_intermediate_size, h)
                 shapes[p + f"mlp.experts.{e}.up_proj.weight"] = (config.moe_intermediate_size, h)
                 shapes[p + f"mlp.experts.{e}.down_proj.weight"] = (h, config.moe_intermediate_size)
+        elif family == "gpt_oss":  # kernels [E, in, out], gate and up interleaved
+            e = config.num_local_experts
+            shapes |= {p + "mlp.router.weight": (e, h), p + "mlp.router.bias": (e,)}
+            shapes |= {p + "mlp.experts.gate_up_proj": (e, h, 2 * inter), p + "mlp.experts.gate_up_proj_bias": (e, 2 * inter)}
+            shapes |= {p + "mlp.experts.down_proj": (e, inter, h), p + "mlp.experts.down_proj_bias": (e, h)}
         else:
             shapes[p + "mlp.gate_proj.weight"] = (inter, h)
             shapes[p + "mlp.up_proj.weight"] = (inter, h)

@@ -42,7 +42,7 @@ def stacked(make: Callable[[], nnx.Module], num_layers: int) -> nnx.Module:
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
-LayerStep = Callable[[nnx.Module, jax.Array, AdapterBatch, PagedView | None], tuple[jax.Array, PagedView | None]]
+LayerStep = Callable[[nnx.Module, jax.Array, AdapterBatch, PagedView | None, jax.Array], tuple[jax.Array, PagedView | None]]
 
 
 def scan_layers(
@@ -53,7 +53,7 @@ def scan_layers(
     cache: PagedView | None,
     remat: bool,
 ) -> tuple[jax.Array, PagedView | None]:
-    """Runs `step(layer, x, adapters, cache)` for each layer in order.
+    """Runs `step(layer, x, adapters, cache, index)` for each layer in order (index: the layer's, traced).
 
     With a paged KV cache (sampling) the step sees it with its layer index set, and the pool is
     carried from layer to layer; each layer's LoRA weights are sliced from the stack inside the
@@ -70,7 +70,7 @@ def scan_layers(
         if layer_lora is None:
             layer_lora = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 1, keepdims=False), lora)
         view = None if cache is None else cache._replace(pool=pool, layer=i)
-        h, view = step(nnx.merge(graphdef, layer_lora, layer_base), h, adapters, view)
+        h, view = step(nnx.merge(graphdef, layer_lora, layer_base), h, adapters, view, i)
         return (h, None if view is None else view.pool, i + 1), None
 
     if remat:

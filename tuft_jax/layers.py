@@ -115,23 +115,30 @@ class LoraDelta(nnx.Module):
 
 
 class LoraLinear(nnx.Module):
-    """A frozen base projection (kernel stored [in, out]) plus a multi-slot LoRA delta."""
+    """A frozen base projection (kernel stored [in, out], optional bias) plus a multi-slot LoRA delta."""
 
     def __init__(
-        self, in_features: int, out_features: int, *, slots: int, rank: int, group: str, dtype: jnp.dtype
+        self, in_features: int, out_features: int, *, slots: int, rank: int, group: str, dtype: jnp.dtype, bias: bool = False
     ) -> None:
         self.weight = nnx.Param(jnp.zeros((in_features, out_features), dtype))
+        if bias:
+            self.bias = nnx.Param(jnp.zeros((out_features,), dtype))
         self.lora = LoraDelta(in_features, out_features, slots=slots, rank=rank, group=group)
+        self.has_bias = bias
 
     def __call__(self, x: jax.Array, adapters: AdapterBatch) -> jax.Array:
-        return x @ from_stored(self.weight[...]) + self.lora(x, adapters)
+        y = x @ from_stored(self.weight[...])
+        if self.has_bias:
+            y = y + from_stored(self.bias[...]).astype(y.dtype)
+        return y + self.lora(x, adapters)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """HF-style rotate-half RoPE; x is [B, T, heads, head_dim], positions [B, T]."""
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scale: float = 1.0) -> jax.Array:
+    """HF-style rotate-half RoPE; x is [B, T, heads, head_dim], positions [B, T]; cos and sin
+    are multiplied by `scale` (YaRN's attention factor)."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
-    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
+    cos = jnp.concatenate([jnp.cos(angles) * scale] * 2, axis=-1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles) * scale] * 2, axis=-1)[:, :, None, :]
     half = x.shape[-1] // 2
     x32 = x.astype(jnp.float32)
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)

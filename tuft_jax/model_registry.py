@@ -15,7 +15,7 @@ import yaml
 
 from tuft_jax.builtin_model import BUILTIN_MODEL_NAME, ensure_builtin_model
 
-ModelFamily = Literal["qwen3", "qwen3_moe", "llama"]
+ModelFamily = Literal["qwen3", "qwen3_moe", "gpt_oss", "llama"]
 ModelDtype = Literal["float32", "bfloat16"]
 
 _REQUIRED_KEYS = ("name", "path", "max_context_length", "max_lora_rank", "max_adapters")

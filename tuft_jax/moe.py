@@ -29,22 +29,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from tuft_jax.layers import AdapterBatch, per_slot_in, per_slot_out
+from tuft_jax.sharding import BATCH_AXIS
 from tuft_jax.stored_dtype import from_stored
 
 
 @dataclass(frozen=True)
 class MoeConfig:
+    """`family` is the config.json model_type whose MoE block and weight map apply; `bias` adds
+    per-expert biases to both projections; `swiglu_alpha` / `swiglu_limit` are gpt-oss's
+    clamped SwiGLU."""
+
     num_experts: int
     experts_per_token: int
     intermediate_size: int
-    normalize_top_k: bool
+    normalize_top_k: bool = False
+    family: str = "qwen3_moe"
+    bias: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float | None = None
 
 
 class Routing(NamedTuple):
@@ -63,15 +74,25 @@ def softmax_top_k(logits: jax.Array, k: int, normalize: bool) -> Routing:
     return Routing(experts.astype(jnp.int32), weights)
 
 
-class Router(nnx.Module):
-    """The frozen router projection, kernel stored [hidden, experts]."""
+def top_k_softmax(logits: jax.Array, k: int) -> Routing:
+    """The k largest logits, then a softmax over those k (fp32)."""
+    top, experts = jax.lax.top_k(logits.astype(jnp.float32), k)
+    return Routing(experts.astype(jnp.int32), jax.nn.softmax(top, axis=-1))
 
-    def __init__(self, hidden_size: int, num_experts: int, dtype: jnp.dtype) -> None:
+
+class Router(nnx.Module):
+    """The frozen router projection, kernel stored [hidden, experts], with an optional bias."""
+
+    def __init__(self, hidden_size: int, num_experts: int, dtype: jnp.dtype, *, bias: bool = False) -> None:
         self.weight = nnx.Param(jnp.zeros((hidden_size, num_experts), dtype))
+        if bias:
+            self.bias = nnx.Param(jnp.zeros((num_experts,), dtype))
+        self.has_bias = bias
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Router logits [N, E] of x [B, T, D]."""
-        return (x @ from_stored(self.weight[...])).reshape(-1, self.weight.shape[1])
+        logits = (x @ from_stored(self.weight[...])).reshape(-1, self.weight.shape[1])
+        return logits + from_stored(self.bias[...]) if self.has_bias else logits
 
 
 class ExpertLora(nnx.Module):
@@ -103,7 +124,7 @@ def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) ->
     """The grouped matmul as a loop over (row tile, group) pairs that overlap: at most tiles +
     groups of them, each one [m, K] x [K, N] product masked to the group's rows, so memory is
     O(A N) and compute O((A + G m) K N), whatever the group sizes."""
-    rows, k = x.shape
+    rows = x.shape[0]
     groups, _, n = w.shape
     m = min(CPU_TILE_ROWS, rows)
     tiles = -(-rows // m)
@@ -135,11 +156,13 @@ def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) ->
 
 
 class _Dispatch(NamedTuple):
-    """Assignments sorted by (expert, slot): the token each reads, the permutation back to
-    (token, k) order, and group sizes per expert (base weights) and per group of the per-expert
-    LoRA factors ((expert, slot); per expert in the `single` form, where one slot serves all)."""
+    """Assignments sorted by (expert, slot): the token each reads and its expert, the
+    permutation back to (token, k) order, and group sizes per expert (base weights) and per
+    group of the per-expert LoRA factors ((expert, slot); per expert in the `single` form,
+    where one slot serves all)."""
 
     source: jax.Array
+    expert: jax.Array
     inverse: jax.Array
     per_expert: jax.Array
     per_group: jax.Array
@@ -157,7 +180,7 @@ def _dispatch(routing: Routing, adapters: AdapterBatch, tokens_per_row: int, num
         per_group = jnp.bincount(key, length=num_experts * num_slots).astype(jnp.int32)
     order = jnp.argsort(key, stable=True)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
-    return _Dispatch(token[order], inverse, per_expert, per_group)
+    return _Dispatch(token[order], experts[order], inverse, per_expert, per_group)
 
 
 def _grouped(factor: jax.Array, adapters: AdapterBatch, dtype: jnp.dtype) -> jax.Array:
@@ -172,7 +195,8 @@ GatedActivation = Callable[[jax.Array], jax.Array]
 
 
 class Experts(nnx.Module):
-    """E experts' gate/up [E, D, 2I] and down [E, I, D] kernels (stored [in, out]) with their LoRA."""
+    """E experts' gate/up [E, D, 2I] and down [E, I, D] kernels (stored [in, out]), their biases
+    when the family has them, and their LoRA."""
 
     def __init__(
         self, config: MoeConfig, hidden_size: int, activation: GatedActivation, *, slots: int, rank: int, dtype: jnp.dtype
@@ -180,9 +204,13 @@ class Experts(nnx.Module):
         e, d, i = config.num_experts, hidden_size, config.intermediate_size
         self.gate_up_proj = nnx.Param(jnp.zeros((e, d, 2 * i), dtype))
         self.down_proj = nnx.Param(jnp.zeros((e, i, d), dtype))
+        if config.bias:
+            self.gate_up_proj_bias = nnx.Param(jnp.zeros((e, 2 * i), dtype))
+            self.down_proj_bias = nnx.Param(jnp.zeros((e, d), dtype))
         self.gate_up_lora = ExpertLora(d, 2 * i, e, per_expert="b", slots=slots, rank=rank)
         self.down_lora = ExpertLora(i, d, e, per_expert="a", slots=slots, rank=rank)
         self.activation = activation
+        self.bias = config.bias
 
     def __call__(self, x: jax.Array, routing: Routing, adapters: AdapterBatch) -> jax.Array:
         """The routing-weighted sum of each token's experts on x [B, T, D]."""
@@ -198,8 +226,36 @@ class Experts(nnx.Module):
         shared_in = (per_slot_in(x, self.gate_up_lora.lora_a[...], adapters) * scale).reshape(n, -1)
         h = grouped_matmul(x.reshape(n, d)[plan.source], from_stored(self.gate_up_proj[...]), plan.per_expert)
         h = h + grouped_matmul(shared_in[plan.source], _grouped(self.gate_up_lora.lora_b[...], adapters, x.dtype), plan.per_group)
+        if self.bias:
+            h = h + from_stored(self.gate_up_proj_bias[...])[plan.expert].astype(h.dtype)
         y = self.activation(h)
         out = grouped_matmul(y, from_stored(self.down_proj[...]), plan.per_expert)
+        if self.bias:
+            out = out + from_stored(self.down_proj_bias[...])[plan.expert].astype(out.dtype)
         low = grouped_matmul(y, _grouped(self.down_lora.lora_a[...], adapters, x.dtype), plan.per_group)
         shared_out = per_slot_out(token_order(low).reshape(b, t, -1) * scale, self.down_lora.lora_b[...], adapters)
         return token_order(out).reshape(b, t, d) + shared_out
+
+
+class MoeBlock(Protocol):
+    """A family's MoE block: `routed` routes and computes a batch's tokens in one place."""
+
+    def routed(self, x: jax.Array, adapters: AdapterBatch) -> jax.Array: ...
+
+
+def per_device(block: MoeBlock, x: jax.Array, adapters: AdapterBatch, mesh: Mesh | None) -> jax.Array:
+    """`block.routed` with each device routing its own rows when the batch is split over the
+    mesh (`shard_map`; the layer's experts are gathered to every device like any fsdp-split
+    weight). Left to XLA's partitioner, the sort over the whole batch is replicated, and every
+    device would dispatch every token. An unsplit batch is routed in one place."""
+    if mesh is None or mesh.shape[BATCH_AXIS] == 1 or x.shape[0] % mesh.shape[BATCH_AXIS]:
+        return block.routed(x, adapters)
+    graphdef, state = nnx.split(block)
+
+    def local(state: nnx.State, x: jax.Array, slots: jax.Array, scales: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, state).routed(x, AdapterBatch(slots, scales, adapters.form))
+
+    rows = P(BATCH_AXIS)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), rows, rows, rows), out_specs=rows, check_vma=False)(
+        state, x, adapters.slots, adapters.scales
+    )

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from tuft_jax.attention import add_sinks
 from tuft_jax.stored_dtype import from_stored, stored_dtype, to_stored
 
 BLOCK_TOKENS = 16
@@ -204,27 +205,35 @@ class PagedView(NamedTuple):
             pool = KVPool(*(split.run(put, specs, split.spec, x, new, *args) for x, new in zip(self.pool, (k, v), strict=True)))
         return self._replace(pool=pool)
 
-    def attend(self, q: jax.Array, positions: jax.Array) -> jax.Array:
+    def attend(
+        self, q: jax.Array, positions: jax.Array, window: jax.Array | None = None, sinks: jax.Array | None = None
+    ) -> jax.Array:
         """Causal attention of q [B, T, H, D] (at `positions` [B, T]) over the keys each row's
-        table holds at positions <= the query's; H is a multiple of the kv heads. Split over
-        devices, each attends over the blocks it holds and the partial softmaxes are merged."""
+        table holds at positions <= the query's (and, with a `window`, > position - window);
+        H is a multiple of the kv heads, and `sinks` [H] add a valueless logit per head. Split
+        over devices, each attends over the blocks it holds and the partial softmaxes are merged."""
         split = _split(self.mesh, self.pool)
 
-        def attend(k_pool, v_pool, q, positions, tables, layer):
-            m, l, acc = _partial_attention(k_pool, v_pool, q, positions, tables, layer, self.tile_blocks, split)
+        def attend(k_pool, v_pool, q, positions, tables, layer, window, sinks):
+            m, l, acc = _partial_attention(k_pool, v_pool, q, positions, tables, layer, self.tile_blocks, split, window)
             if split is not None and split.blocks:
                 top = jax.lax.pmax(m, BLOCKS_AXIS)
                 weight = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - jnp.where(top == -jnp.inf, 0.0, top)))
+                m = top
                 l = jax.lax.psum(l * weight, BLOCKS_AXIS)
                 acc = jax.lax.psum(acc * weight[..., None], BLOCKS_AXIS)
+            if sinks is not None:
+                kv_heads = k_pool.shape[0]
+                m, l, acc = add_sinks(m, l, acc, sinks.reshape(kv_heads, -1)[:, None, :, None])
             out = acc / jnp.where(l > 0, l, 1.0)[..., None]
             b, t, h, d = q.shape
             return jnp.transpose(out, (1, 3, 0, 2, 4)).reshape(b, t, h, d).astype(q.dtype)
 
-        args = (self.pool.k, self.pool.v, q, positions, self.tables, jnp.asarray(self.layer))
+        args = (self.pool.k, self.pool.v, q, positions, self.tables, jnp.asarray(self.layer), window, sinks)
         if split is None:
             return attend(*args)
-        specs = (split.spec, split.spec, split.heads, P(), P(), P())
+        heads = P(split.spec[0])
+        specs = (split.spec, split.spec, split.heads, P(), P(), P(), P(), None if sinks is None else heads)
         return split.run(attend, specs, split.heads, *args)
 
 
@@ -242,10 +251,11 @@ def _partial_attention(
     layer: jax.Array,
     tile_blocks: int,
     split: _Split | None,
+    window: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Online softmax of q [B, T, H, D] over the keys of the pool's blocks (this device's, when
-    split) at positions <= each query's: running max m, sum l and weighted values acc, each
-    [K, B, G, T] (acc with head_dim)."""
+    split) at positions <= each query's (within `window`): running max m, sum l and weighted
+    values acc, each [K, B, G, T] (acc with head_dim)."""
     b, t, h, d = q.shape
     kv_heads, _, blocks = k_pool.shape[:3]
     groups = h // kv_heads
@@ -271,6 +281,8 @@ def _partial_attention(
         key_pos = (columns[:, None] * BLOCK_TOKENS + jnp.arange(BLOCK_TOKENS)).reshape(-1)
         held = jnp.repeat(owned, BLOCK_TOKENS, axis=1)  # [B, tile * BLOCK_TOKENS]
         seen = (key_pos[None, None, :] <= positions[:, :, None]) & (key_pos < width * BLOCK_TOKENS) & held[:, None, :]
+        if window is not None:
+            seen &= positions[:, :, None] - key_pos[None, None, :] < window
         s = jnp.einsum("kbgtd,kbsd->kbgts", q, k, preferred_element_type=jnp.float32) * scale
         s = jnp.where(seen[None, :, None], s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))

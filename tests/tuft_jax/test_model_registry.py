@@ -187,4 +187,5 @@ def test_example_models_yaml_is_valid_apart_from_its_paths(tmp_path: Path, check
     assert [(s.name, s.dtype, s.kv_cache_tokens, s.tensor_parallel) for s in specs] == [
         ("Qwen/Qwen3-8B", "bfloat16", 262144, 2),
         ("meta-llama/Llama-3.1-8B", "bfloat16", None, 1),
+        ("Qwen/Qwen3-30B-A3B", "bfloat16", None, 1),
     ]

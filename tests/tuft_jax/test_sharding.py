@@ -1,7 +1,7 @@
 """Training and sampling on a mesh of 8 simulated CPU devices give the same losses, LoRA weights
 and samples as one device, and each device holds an eighth of the KV pool (heads over tp=2,
-blocks over fsdp=4); for a Qwen3-MoE too, whose experts are split over fsdp and whose tokens
-each device routes itself.
+blocks over fsdp=4); for a Qwen3-MoE and a gpt-oss too, whose experts are split over fsdp and
+whose tokens each device routes itself (gpt-oss: with attention sinks split over tp).
 
 XLA's device count is fixed when JAX starts, so the comparison runs in a child process that
 sets `--xla_force_host_platform_device_count=8` and trains the same adapter on a 1-device and
@@ -60,7 +60,7 @@ def _train(mesh_devices: int, tp: int, model_dir: Path) -> dict:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "gpt_oss"])
 def test_eight_device_mesh_matches_one_device(tmp_path: Path, family: str) -> None:
     from tuft_jax.builtin_model import build_tiny_hf_checkpoint
 
@@ -74,7 +74,7 @@ def test_eight_device_mesh_matches_one_device(tmp_path: Path, family: str) -> No
     np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-4)
     np.testing.assert_allclose(sharded["weights"], single["weights"], rtol=1e-4)
     assert any("fsdp" in s for s in sharded["shardings"]) and any("tp" in s for s in sharded["shardings"])
-    if family == "qwen3_moe":  # expert kernels [L, E, D, 2I] and [L, E, I, D]: whole experts per fsdp shard
+    if family != "qwen3":  # expert kernels [L, E, D, 2I] and [L, E, I, D]: whole experts per fsdp shard
         assert {"P(None, 'fsdp', None, 'tp')", "P(None, 'fsdp', 'tp', None)"} <= set(sharded["shardings"])
     for ours, reference in zip(sharded["samples"], single["samples"], strict=True):
         assert [tokens for tokens, _ in ours[:-1]] == [tokens for tokens, _ in reference[:-1]]

@@ -1,4 +1,5 @@
-"""The pre-norm decoder-only transformer that Qwen3, Qwen3-MoE and Llama 3 share, with multi-slot LoRA.
+"""The pre-norm decoder-only transformer that Qwen3, Qwen3-MoE, gpt-oss and Llama 3 share, with
+multi-slot LoRA.
 
 Module and attribute names follow the Hugging Face layout (`model.layers.N.self_attn.q_proj`),
 so a parameter's path is its safetensors key once `layer_stack.unstack` gives each layer its
@@ -18,7 +19,7 @@ from jax.sharding import Mesh
 from tuft_jax.attention import attention
 from tuft_jax.layer_stack import scan_layers, stacked
 from tuft_jax.layers import AdapterBatch, LoraDelta, LoraLinear, RMSNorm, apply_rope
-from tuft_jax.models.qwen3_moe import SparseMoeBlock
+from tuft_jax.models import gpt_oss, qwen3_moe
 from tuft_jax.moe import MoeConfig
 from tuft_jax.paged_attention import PagedView
 from tuft_jax.stored_dtype import from_stored
@@ -32,6 +33,24 @@ class Llama3RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class YarnRopeScaling:
+    """HF `rope_type: yarn`: frequencies blended between interpolated (divided by `factor`) and
+    original, by a linear ramp over the dimensions between the beta_fast and beta_slow
+    rotation counts; cos and sin are scaled by `attention_factor`."""
+
+    factor: float
+    beta_fast: float
+    beta_slow: float
+    original_max_position_embeddings: int
+    truncate: bool
+    attention_factor: float
+
+
+MOE_BLOCKS = {qwen3_moe.MODEL_TYPE: qwen3_moe.SparseMoeBlock, gpt_oss.MODEL_TYPE: gpt_oss.MoeBlock}
+"""Each MoE family's block, by `MoeConfig.family`."""
 
 
 @dataclass(frozen=True)
@@ -49,9 +68,14 @@ class DecoderConfig:
     qk_norm: bool
     max_position_embeddings: int
     eos_token_ids: tuple[int, ...] = ()
-    rope_scaling: Llama3RopeScaling | None = None
+    rope_scaling: Llama3RopeScaling | YarnRopeScaling | None = None
     moe: MoeConfig | None = None
     """Set for MoE families: every layer's MLP is a sparse MoE block."""
+    attention_bias: bool = False
+    attention_sinks: bool = False
+    """One learned logit per head that joins each query's softmax (gpt-oss)."""
+    layer_windows: tuple[int | None, ...] | None = None
+    """Per layer, the sliding window (None: full attention); None: full attention everywhere."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +91,8 @@ def rope_frequencies(config: DecoderConfig) -> jax.Array:
     scaling = config.rope_scaling
     if scaling is None:
         return inv_freq
+    if isinstance(scaling, YarnRopeScaling):
+        return _yarn_frequencies(inv_freq, config.rope_theta, config.head_dim, scaling)
     old_len = scaling.original_max_position_embeddings
     wavelen = 2 * math.pi / inv_freq
     scaled = jnp.where(wavelen > old_len / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
@@ -76,10 +102,31 @@ def rope_frequencies(config: DecoderConfig) -> jax.Array:
     return jnp.where(medium, smoothed, scaled)
 
 
+def _yarn_frequencies(inv_freq: jax.Array, theta: float, head_dim: int, scaling: YarnRopeScaling) -> jax.Array:
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(scaling.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / ((high - low) or 0.001), 0, 1)
+    return inv_freq / scaling.factor * ramp + inv_freq * (1 - ramp)
+
+
+def rope_scale(config: DecoderConfig) -> float:
+    """The factor RoPE's cos and sin are multiplied by (YaRN's attention factor; else 1)."""
+    return config.rope_scaling.attention_factor if isinstance(config.rope_scaling, YarnRopeScaling) else 1.0
+
+
+FULL_WINDOW = jnp.iinfo(jnp.int32).max
+"""The window of a full-attention layer in a stack that mixes windowed and full layers."""
+
+
 class Attention(nnx.Module):
     def __init__(self, config: DecoderConfig, lora: LoraShape, dtype: jnp.dtype) -> None:
         d, hd = config.hidden_size, config.head_dim
-        proj = dict(slots=lora.slots, rank=lora.max_rank, group="attn", dtype=dtype)
+        proj = dict(slots=lora.slots, rank=lora.max_rank, group="attn", dtype=dtype, bias=config.attention_bias)
         self.q_proj = LoraLinear(d, config.num_heads * hd, **proj)
         self.k_proj = LoraLinear(d, config.num_kv_heads * hd, **proj)
         self.v_proj = LoraLinear(d, config.num_kv_heads * hd, **proj)
@@ -87,6 +134,8 @@ class Attention(nnx.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(hd, config.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(hd, config.rms_norm_eps, dtype=dtype)
+        if config.attention_sinks:
+            self.sinks = nnx.Param(jnp.zeros((config.num_heads,), dtype))
         self.config = config
 
     def __call__(
@@ -97,6 +146,7 @@ class Attention(nnx.Module):
         adapters: AdapterBatch,
         cache: PagedView | None,
         segments: jax.Array | None,
+        window: jax.Array | None,
     ) -> tuple[jax.Array, PagedView | None]:
         cfg = self.config
         b, t, _ = x.shape
@@ -105,12 +155,14 @@ class Attention(nnx.Module):
         v = self.v_proj(x, adapters).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        scale = rope_scale(cfg)
+        q, k = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
+        sinks = from_stored(self.sinks[...]).astype(jnp.float32) if cfg.attention_sinks else None
         if cache is None:
-            out = attention(q, k, v, positions, positions, segments, segments)
+            out = attention(q, k, v, positions, positions, segments, segments, window, sinks)
         else:
             cache = cache.write(k, v, positions)
-            out = cache.attend(q, positions)
+            out = cache.attend(q, positions, window, sinks)
         return self.o_proj(out.reshape(b, t, -1), adapters), cache
 
 
@@ -132,9 +184,10 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(config, lora, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         if config.moe is None:
-            self.mlp: MLP | SparseMoeBlock = MLP(config, lora, dtype)
+            self.mlp: MLP | qwen3_moe.SparseMoeBlock | gpt_oss.MoeBlock = MLP(config, lora, dtype)
         else:
-            self.mlp = SparseMoeBlock(config.hidden_size, config.moe, slots=lora.slots, rank=lora.max_rank, dtype=dtype)
+            block = MOE_BLOCKS[config.moe.family]
+            self.mlp = block(config.hidden_size, config.moe, slots=lora.slots, rank=lora.max_rank, dtype=dtype)
 
     def __call__(
         self,
@@ -145,8 +198,9 @@ class DecoderLayer(nnx.Module):
         cache: PagedView | None,
         segments: jax.Array | None,
         mesh: Mesh | None,
+        window: jax.Array | None,
     ) -> tuple[jax.Array, PagedView | None]:
-        attn_out, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, adapters, cache, segments)
+        attn_out, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, adapters, cache, segments, window)
         x = x + attn_out
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, adapters) if isinstance(self.mlp, MLP) else self.mlp(h, adapters, mesh)), cache
@@ -229,9 +283,12 @@ class CausalLM(nnx.Module):
         `segments` [B, T] (packed datums, training only) confine attention to each segment;
         `mesh` is the mesh the batch is split over (MoE blocks route per device)."""
         inv_freq = rope_frequencies(self.config)
+        windows = self.config.layer_windows
+        layer_window = None if windows is None else jnp.asarray([FULL_WINDOW if w is None else w for w in windows], jnp.int32)
 
-        def step(layer: DecoderLayer, x: jax.Array, adapters: AdapterBatch, cache: PagedView | None):
-            return layer(x, positions, inv_freq, adapters, cache, segments, mesh)
+        def step(layer: DecoderLayer, x: jax.Array, adapters: AdapterBatch, cache: PagedView | None, index: jax.Array):
+            window = None if layer_window is None else layer_window[index]
+            return layer(x, positions, inv_freq, adapters, cache, segments, mesh, window)
 
         x = self.model.embed_tokens(tokens)
         x, cache = scan_layers(self.model.layers, step, x, adapters, cache, remat)

@@ -3,7 +3,8 @@
 Parameter paths equal safetensors keys once a stacked layer leaf is read as one tensor per
 layer (`layer_stack.layer_paths`), so the weight map is one rule: projection kernels are
 transposed to [in, out]; everything else loads as stored. MoE expert kernels are the exception:
-each is assembled from its family's checkpoint layout (`qwen3_moe.expert_tensor`). LoRA slots
+each is assembled from its family's checkpoint layout (`qwen3_moe.expert_tensor`,
+`gpt_oss.expert_tensor`, which dequantises MXFP4). LoRA slots
 start at zero.
 """
 
@@ -22,7 +23,7 @@ from safetensors import safe_open
 from tuft_jax.layer_stack import layer_paths
 from tuft_jax.stored_dtype import stored_dtype
 from tuft_jax.models.decoder import CausalLM, DecoderConfig, LoraShape
-from tuft_jax.models.qwen3_moe import expert_tensor
+from tuft_jax.models import gpt_oss, qwen3_moe
 from tuft_jax.models.hf_config import load_decoder_config
 from tuft_jax.sharding import param_sharding
 
@@ -48,7 +49,10 @@ def _shard_files(model_dir: Path) -> dict[str, Path]:
         return {key: single for key in f.keys()}
 
 
-def is_expert_kernel(path: tuple) -> bool:
+EXPERT_TENSORS = {qwen3_moe.MODEL_TYPE: qwen3_moe.expert_tensor, gpt_oss.MODEL_TYPE: gpt_oss.expert_tensor}
+
+
+def is_expert_tensor(path: tuple) -> bool:
     return len(path) >= 2 and path[-2] == "experts"
 
 
@@ -69,9 +73,10 @@ def load_causal_lm(
 
     def tensor_of(path: tuple) -> np.ndarray:
         key = hf_key(path)
-        if is_expert_kernel(path):
+        if is_expert_tensor(path):
             assert config.moe is not None
             prefix, _, name = key.rpartition(".")
+            expert_tensor = EXPERT_TENSORS[config.moe.family]
             return expert_tensor(prefix, name, config.moe.num_experts, read, files.__contains__)
         return read(key).T if is_projection(path) else read(key)
 

@@ -18,11 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from tuft_jax.layers import AdapterBatch
-from tuft_jax.moe import Experts, MoeConfig, Router, softmax_top_k
-from tuft_jax.sharding import BATCH_AXIS
+from tuft_jax.moe import Experts, MoeConfig, Router, per_device, softmax_top_k
 
 MODEL_TYPE = "qwen3_moe"
 
@@ -38,6 +36,7 @@ def moe_config_from_hf(hf: dict[str, Any]) -> MoeConfig:
         experts_per_token=int(hf["num_experts_per_tok"]),
         intermediate_size=int(hf["moe_intermediate_size"]),
         normalize_top_k=bool(hf.get("norm_topk_prob", False)),
+        family=MODEL_TYPE,
     )
 
 
@@ -48,36 +47,19 @@ def swiglu(h: jax.Array) -> jax.Array:
 
 
 class SparseMoeBlock(nnx.Module):
+    """The router (`mlp.gate`) and the SwiGLU experts (`mlp.experts`)."""
+
     def __init__(self, hidden_size: int, config: MoeConfig, *, slots: int, rank: int, dtype: jnp.dtype) -> None:
         self.gate = Router(hidden_size, config.num_experts, dtype)
         self.experts = Experts(config, hidden_size, swiglu, slots=slots, rank=rank, dtype=dtype)
         self.config = config
 
     def __call__(self, x: jax.Array, adapters: AdapterBatch, mesh: Mesh | None) -> jax.Array:
-        """With the batch split over the mesh, each device routes and computes its own tokens
-        (`per_device`); otherwise one routing covers the batch."""
-        if mesh is None or mesh.shape[BATCH_AXIS] == 1 or x.shape[0] % mesh.shape[BATCH_AXIS]:
-            return self._routed(x, adapters)
         return per_device(self, x, adapters, mesh)
 
-    def _routed(self, x: jax.Array, adapters: AdapterBatch) -> jax.Array:
+    def routed(self, x: jax.Array, adapters: AdapterBatch) -> jax.Array:
         routing = softmax_top_k(self.gate(x), self.config.experts_per_token, self.config.normalize_top_k)
         return self.experts(x, routing, adapters)
-
-
-def per_device(block: SparseMoeBlock, x: jax.Array, adapters: AdapterBatch, mesh: Mesh) -> jax.Array:
-    """The block under `shard_map`: each device sorts only its rows' tokens by expert, with the
-    layer's experts gathered to it like any fsdp-split weight. Left to XLA's partitioner, the
-    sort over the whole batch is replicated: every device would dispatch every token."""
-    graphdef, state = nnx.split(block)
-
-    def local(state: nnx.State, x: jax.Array, slots: jax.Array, scales: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, state)._routed(x, AdapterBatch(slots, scales, adapters.form))
-
-    rows = P(BATCH_AXIS)
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), rows, rows, rows), out_specs=rows, check_vma=False)(
-        state, x, adapters.slots, adapters.scales
-    )
 
 
 Read = Callable[[str], np.ndarray]

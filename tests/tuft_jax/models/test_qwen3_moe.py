@@ -1,11 +1,8 @@
 """Qwen3-MoE against transformers' Qwen3MoeForCausalLM on the same weights, in float32.
 
 The tiny checkpoint has 8 experts, 2 per token (renormalised), in the published per-expert
-layout. The LoRA reference is independent of our activation-side LoRA: every adapter factor is
-a torch leaf tensor, merged into the weight it changes (a projection's [out, in] kernel, or an
-expert stack's [E, 2I, D] / [E, D, I] parameter, with the shared factor broadcast over experts),
-and the HF model runs on the merged weights through `torch.func.functional_call`, so autograd
-differentiates the merged-weight formula. PEFT's export is checked through PEFT itself.
+layout. LoRA references merge every adapter factor into the weight it changes
+(`moe_testing.MergedReference`); PEFT's export is checked through PEFT itself.
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from engine_testing import (
-    LORA_ALPHA,
     assert_close_rel,
     next_token_datum,
     random_lora,
@@ -27,6 +23,7 @@ from engine_testing import (
     slot_arrays,
 )
 from flax import nnx
+from moe_testing import MergedReference, hf_logprobs
 from peft import PeftModel
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM, GenerationConfig
@@ -40,44 +37,9 @@ from tuft_jax.sharding import make_mesh
 from tuft_jax.types import AdamParams, LoraConfig, SamplingParams
 
 FAMILY = "qwen3_moe"
+EXPERT_LAYOUT = "out_in"
 RANK = 4
 LENGTHS = (13, 7, 16, 40)
-
-
-class MergedReference:
-    """The HF model with LoRA factors (torch leaves, requiring grad) merged into its weights."""
-
-    def __init__(self, model_dir: Path, arrays: dict[str, np.ndarray], rank: int) -> None:
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.leaves = {key: torch.tensor(value, requires_grad=True) for key, value in arrays.items()}
-        self.scale = LORA_ALPHA / rank
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        merged = dict(self.model.named_parameters())
-        for key, a in self.leaves.items():
-            if not key.endswith("lora_a"):
-                continue
-            b = self.leaves[key[: -len("lora_a")] + "lora_b"]
-            module, lora, _ = key.rsplit(".", 2)
-            if lora == "gate_up_lora":
-                name, delta = f"{module}.gate_up_proj", torch.einsum("dr,ero->eod", a, b)
-            elif lora == "down_lora":
-                name, delta = f"{module}.down_proj", torch.einsum("eir,rd->edi", a, b)
-            else:
-                name, delta = f"{module}.weight", (a @ b).T
-            merged[name] = merged[name] + self.scale * delta
-        return merged
-
-    def logprobs(self, sequence: np.ndarray) -> torch.Tensor:
-        ids = torch.as_tensor(sequence[:-1], dtype=torch.long)[None]
-        logits = torch.func.functional_call(self.model, self.weights(), (ids,)).logits[0]
-        return torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(sequence[1:], dtype=torch.long)[:, None])[:, 0]
-
-    def frozen(self) -> torch.nn.Module:
-        """The HF model holding the merged weights (for `generate`)."""
-        with torch.no_grad():
-            self.model.load_state_dict({k: v.detach() for k, v in self.weights().items()}, strict=False)
-        return self.model
 
 
 @pytest.fixture
@@ -86,19 +48,13 @@ def moe_engine(make_engine) -> Engine:
     return make_engine(FAMILY, False, seed=1)
 
 
-def _hf_logprobs(model: torch.nn.Module, sequence: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        logits = model(input_ids=torch.as_tensor(sequence[:-1], dtype=torch.long)[None]).logits[0]
-    return torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(sequence[1:], dtype=torch.long)[:, None])[:, 0].numpy()
-
-
 def test_logprobs_match_transformers(moe_engine: Engine, tiny_checkpoint) -> None:
     slot = moe_engine.create_adapter(LoraConfig(rank=RANK, seed=0))  # PEFT init: B = 0, the bare base model
     sequences = random_sequences([n + 1 for n in LENGTHS], seed=7)
     (result,) = moe_engine.forward_backward([(slot, [next_token_datum(s) for s in sequences])], "cross_entropy", {}, True)
     reference = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(FAMILY, False, seed=1), dtype=torch.float32).eval()
     for seq, output in zip(sequences, result.outputs, strict=True):
-        np.testing.assert_allclose(output["logprobs"], _hf_logprobs(reference, seq), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(output["logprobs"], hf_logprobs(reference, seq), rtol=0, atol=1e-4)
     assert np.std(np.concatenate([o["logprobs"] for o in result.outputs])) > 0.3
 
 
@@ -110,7 +66,7 @@ def test_lora_gradients_match_autograd(moe_engine: Engine, tiny_checkpoint) -> N
     (result,) = moe_engine.forward_backward([(slot, [next_token_datum(s) for s in sequences])], "cross_entropy", {}, False)
     grads = slot_arrays(moe_engine.grads, slot)
 
-    reference = MergedReference(tiny_checkpoint(FAMILY, False, seed=1), arrays, RANK)
+    reference = MergedReference(tiny_checkpoint(FAMILY, False, seed=1), arrays, RANK, EXPERT_LAYOUT)
     loss = torch.zeros(())
     for seq, output in zip(sequences, result.outputs, strict=True):
         lp = reference.logprobs(seq)
@@ -155,7 +111,7 @@ def test_greedy_equals_generate_and_sampled_logprobs_equal_forward(moe_engine: E
     set_slot(moe_engine, slot, arrays)
     prompt = random_sequences([9], seed=11)[0].astype(np.int32)
     greedy = moe_engine.sample(slot, prompt, 6, SamplingParams(max_tokens=10, temperature=0.0), prompt_logprobs=False, topk_prompt_logprobs=0)
-    model = MergedReference(tiny_checkpoint(FAMILY, False, seed=1), arrays, RANK).frozen()
+    model = MergedReference(tiny_checkpoint(FAMILY, False, seed=1), arrays, RANK, EXPERT_LAYOUT).frozen()
     model.generation_config.eos_token_id = None
     ids = torch.as_tensor(prompt, dtype=torch.long)[None]
     config = GenerationConfig(do_sample=False, max_new_tokens=10, eos_token_id=None, pad_token_id=0)
@@ -188,11 +144,11 @@ def test_peft_export_loads_in_transformers_and_peft(moe_engine: Engine, tiny_che
     )
 
     base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(FAMILY, False, seed=1), dtype=torch.float32).eval()
-    before = [_hf_logprobs(base, seq) for seq in sequences]
+    before = [hf_logprobs(base, seq) for seq in sequences]
     model = PeftModel.from_pretrained(base, tmp_path).eval()
     (ours,) = moe_engine.forward_backward([(slot, data)], "cross_entropy", {}, True)
     for seq, output, untrained in zip(sequences, ours.outputs, before, strict=True):
-        np.testing.assert_allclose(output["logprobs"], _hf_logprobs(model, seq), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(output["logprobs"], hf_logprobs(model, seq), rtol=0, atol=1e-4)
         assert np.max(np.abs(output["logprobs"] - untrained)) > 0.05  # the adapter visibly changes the model
 
 
