@@ -35,7 +35,7 @@ from tuft_jax.models.hf_weights import load_causal_lm
 from tuft_jax.optimizer import adamw_step, init_optimizer_state
 from tuft_jax.paged_attention import block_bytes
 from tuft_jax.sampler import MAX_STOP_IDS
-from tuft_jax.sharding import batch_sharding, make_mesh, place_like_params, replicated
+from tuft_jax.sharding import batch_sharding, data_parallel, make_mesh, place_like_params, replicated
 from tuft_jax.train_step import BatchArrays, accumulate, forward, forward_backward
 from tuft_jax.types import AdamParams, Datum, ForwardResult, KVCacheStats, LoraConfig, SampleResult, SamplingParams
 
@@ -92,7 +92,7 @@ class Engine:
         `kv_cache_tokens` sizes the sampler's KV pool (default: the spec's, else
         `KV_MEMORY_FRACTION`)."""
         self.spec = spec
-        self.mesh = make_mesh(tp=spec.tensor_parallel) if mesh is None else mesh
+        self.mesh = make_mesh(tp=spec.tensor_parallel, ep=spec.expert_parallel) if mesh is None else mesh
         self.name = spec.name
         self.max_context_length = spec.max_context_length
         self.max_lora_rank = spec.max_lora_rank
@@ -101,6 +101,11 @@ class Engine:
         dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
         lora_shape = LoraShape(self.slots.num_slots, spec.max_lora_rank)
         self.graphdef, self.base, self.lora, self.config = load_causal_lm(spec.path, lora_shape, dtype, self.mesh)
+        experts, ep = (self.config.moe.num_experts if self.config.moe else None), self.mesh.shape["ep"]
+        if ep > 1 and (experts is None or experts % ep):
+            raise ValueError(
+                f"{spec.name}: expert_parallel {ep} needs an MoE model whose experts it divides (experts: {experts})"
+            )
         self.grads = jax.tree.map(jnp.zeros_like, self.lora)
         self.opt_state = place_like_params(init_optimizer_state(self.lora), self.mesh)
         local = list(self.mesh.local_devices)
@@ -327,8 +332,7 @@ class Engine:
             for key in datum.loss_inputs
             if key != "target_tokens"
         }
-        fsdp = self.mesh.shape["fsdp"]
-        tb = build_train_batch(rows, fill, min_rows=fsdp, pack=True)
+        tb = build_train_batch(rows, fill, min_rows=data_parallel(self.mesh), pack=True)
         host = BatchArrays(
             tokens=tb.tokens,
             positions=tb.positions,
@@ -390,7 +394,7 @@ class Engine:
 
         leaves, treedef = jax.tree.flatten(host)
         key = (forward_only, loss_fn, form, tuple(sorted(config)), treedef, tuple((x.shape[1:], x.dtype.str) for x in leaves))
-        return self.planner.plan(key, host.tokens.shape[0], self.mesh.shape["fsdp"], lower, backward=not forward_only)
+        return self.planner.plan(key, host.tokens.shape[0], data_parallel(self.mesh), lower, backward=not forward_only)
 
     @collective
     def optim_step(self, adapter: int, params: AdamParams) -> dict[str, float]:

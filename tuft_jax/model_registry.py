@@ -19,7 +19,7 @@ ModelFamily = Literal["qwen3", "qwen3_moe", "gpt_oss", "llama"]
 ModelDtype = Literal["float32", "bfloat16"]
 
 _REQUIRED_KEYS = ("name", "path", "max_context_length", "max_lora_rank", "max_adapters")
-_OPTIONAL_KEYS = ("dtype", "kv_cache_tokens", "tensor_parallel")
+_OPTIONAL_KEYS = ("dtype", "kv_cache_tokens", "tensor_parallel", "expert_parallel")
 _LIMIT_KEYS = ("max_context_length", "max_lora_rank", "max_adapters")
 
 
@@ -42,7 +42,10 @@ class BaseModelSpec:
     """Tokens the sampler's KV pool holds (None: see `Engine`, sized from free device memory)."""
     tensor_parallel: int = field(default=1, kw_only=True)
     """Devices each layer's heads, MLP width and KV pool are split over (the mesh's tp axis);
-    the rest of the devices form the fsdp axis."""
+    the rest of the devices form the fsdp and ep axes."""
+    expert_parallel: int = field(default=1, kw_only=True)
+    """Devices a MoE layer's experts are split over, each computing its own experts for the
+    tokens of its group (the mesh's ep axis; the batch is split over it as over fsdp)."""
 
 
 def detect_family(model_dir: Path) -> ModelFamily:
@@ -101,9 +104,10 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> BaseModelSpec:
         raise ValueError(f"{where}: kv_cache_tokens must be a positive integer, got {kv_tokens!r}")
     if kv_tokens is not None and kv_tokens < entry["max_context_length"]:
         raise ValueError(f"{where}: kv_cache_tokens ({kv_tokens}) must hold one max_context_length sequence")
-    tp = entry.get("tensor_parallel", 1)
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp <= 0:
-        raise ValueError(f"{where}: tensor_parallel must be a positive integer, got {tp!r}")
+    tp, ep = entry.get("tensor_parallel", 1), entry.get("expert_parallel", 1)
+    for key, value in (("tensor_parallel", tp), ("expert_parallel", ep)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
     if not isinstance(entry["path"], str) or not entry["path"]:
         raise ValueError(f"{where}: path must be a non-empty string")
 
@@ -124,6 +128,7 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> BaseModelSpec:
         family=family,
         kv_cache_tokens=kv_tokens,
         tensor_parallel=tp,
+        expert_parallel=ep,
     )
 
 

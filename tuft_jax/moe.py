@@ -38,7 +38,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from tuft_jax.layers import AdapterBatch, per_slot_in, per_slot_out
-from tuft_jax.sharding import BATCH_AXIS
+from tuft_jax.sharding import EXPERT_AXIS, batch_axes, data_parallel, key_name, logical_axes
 from tuft_jax.stored_dtype import from_stored
 
 
@@ -120,17 +120,19 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Ar
     return _tiled_grouped_matmul(x, w, group_sizes)
 
 
-def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """The grouped matmul as a loop over (row tile, group) pairs that overlap: at most tiles +
-    groups of them, each one [m, K] x [K, N] product masked to the group's rows, so memory is
-    O(A N) and compute O((A + G m) K N), whatever the group sizes."""
-    rows = x.shape[0]
-    groups, _, n = w.shape
-    m = min(CPU_TILE_ROWS, rows)
-    tiles = -(-rows // m)
-    x = jnp.pad(x, ((0, tiles * m - rows), (0, 0)))
+class _WorkItems(NamedTuple):
+    """The (row tile, group) pairs that overlap, in order: at most tiles + groups of them."""
+
+    tile: jax.Array
+    group: jax.Array
+    valid: jax.Array
+    starts: jax.Array
+    ends: jax.Array
+
+
+def _work_items(group_sizes: jax.Array, tiles: int, m: int) -> _WorkItems:
+    groups = group_sizes.shape[0]
     ends = jnp.cumsum(group_sizes)
-    starts = ends - group_sizes
 
     def advance(carry: tuple[jax.Array, jax.Array], _: None) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
         tile, group = carry
@@ -138,21 +140,86 @@ def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) ->
         return (jnp.where(next_group, tile, tile + 1), jnp.where(next_group, group + 1, group)), jnp.stack([tile, group])
 
     _, items = jax.lax.scan(advance, (jnp.int32(0), jnp.int32(0)), None, length=tiles + groups)
-    tile_of, group_of = items[:, 0], items[:, 1]
-    valid = (tile_of < tiles) & (group_of < groups)
-    tile_of, group_of = jnp.minimum(tile_of, tiles - 1), jnp.minimum(group_of, groups - 1)
+    valid = (items[:, 0] < tiles) & (items[:, 1] < groups)
+    return _WorkItems(
+        jnp.minimum(items[:, 0], tiles - 1), jnp.minimum(items[:, 1], groups - 1), valid, ends - group_sizes, ends
+    )
 
-    @jax.checkpoint
-    def product(item: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
-        tile, group, ok = item
+
+ItemStep = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+"""(accumulator, row tile, group, the tile's rows in the group) -> the updated accumulator."""
+
+
+def _over_items(group_sizes: jax.Array, rows: int, m: int, init: jax.Array, step: ItemStep) -> jax.Array:
+    """`step(acc, tile, group, mine)` for every work item, in a while loop (never differentiated:
+    the custom VJP below says what the gradients are, so no per-item value is kept)."""
+    items = _work_items(group_sizes, -(-rows // m), m)
+
+    def body(carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        i, acc = carry
+        tile, group = items.tile[i], items.group[i]
         row = tile * m + jnp.arange(m)
-        mine = ok & (row >= starts[group]) & (row < ends[group])
-        block = jax.lax.dynamic_slice_in_dim(x, tile * m, m) @ w[group]
-        return jnp.where(mine[:, None], block, jnp.zeros((), block.dtype))
+        mine = (row >= items.starts[group]) & (row < items.ends[group])
+        # Items past the last group (rows no group owns, e.g. experts held by other devices) do nothing.
+        return i + 1, jax.lax.cond(items.valid[i], lambda a: step(a, tile, group, mine), lambda a: a, acc)
 
-    blocks = jax.lax.map(product, (tile_of, group_of, valid))
-    out = jnp.zeros((tiles, m, n), blocks.dtype).at[tile_of].add(blocks)
-    return out.reshape(tiles * m, n)[:rows]
+    return jax.lax.while_loop(lambda c: c[0] < items.tile.shape[0], body, (jnp.int32(0), init))[1]
+
+
+def _tiled_products(x: jax.Array, w: jax.Array, group_sizes: jax.Array, m: int, transpose: bool) -> jax.Array:
+    """Row i of the padded x times w[group of i] (or its transpose): [tiles * m, N]."""
+    n = w.shape[1] if transpose else w.shape[2]
+
+    def step(out: jax.Array, tile: jax.Array, group: jax.Array, mine: jax.Array) -> jax.Array:
+        kernel = w[group].T if transpose else w[group]
+        block = jax.lax.dynamic_slice_in_dim(x, tile * m, m) @ kernel
+        block = jnp.where(mine[:, None], block, jnp.zeros((), block.dtype))
+        return jax.lax.dynamic_update_slice_in_dim(out, jax.lax.dynamic_slice_in_dim(out, tile * m, m) + block, tile * m, 0)
+
+    return _over_items(group_sizes, x.shape[0], m, jnp.zeros((x.shape[0], n), x.dtype), step)
+
+
+def _tiled_weight_grads(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, m: int, groups: int) -> jax.Array:
+    """Per group, x^T dy over its rows: [G, K, N], accumulated in fp32."""
+
+    def step(dw: jax.Array, tile: jax.Array, group: jax.Array, mine: jax.Array) -> jax.Array:
+        x_tile = jnp.where(mine[:, None], jax.lax.dynamic_slice_in_dim(x, tile * m, m), jnp.zeros((), x.dtype))
+        dy_tile = jax.lax.dynamic_slice_in_dim(dy, tile * m, m)
+        return dw.at[group].add(jnp.matmul(x_tile.T, dy_tile, preferred_element_type=jnp.float32))
+
+    return _over_items(group_sizes, x.shape[0], m, jnp.zeros((groups, x.shape[1], dy.shape[1]), jnp.float32), step)
+
+
+@jax.custom_vjp
+def _tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """The grouped matmul as a loop over (row tile, group) pairs that overlap: at most tiles +
+    groups of them, each one [m, K] x [K, N] product masked to the group's rows, accumulated in
+    place, so memory is the output's and compute O((A + G m) K N), whatever the group sizes."""
+    return _tiled_grouped_matmul_fwd(x, w, group_sizes)[0]
+
+
+def _tile_rows(rows: int) -> tuple[int, int]:
+    m = min(CPU_TILE_ROWS, rows)
+    return m, -(-rows // m) * m
+
+
+def _tiled_grouped_matmul_fwd(x: jax.Array, w: jax.Array, group_sizes: jax.Array):
+    m, padded = _tile_rows(x.shape[0])
+    x_padded = jnp.pad(x, ((0, padded - x.shape[0]), (0, 0)))
+    return _tiled_products(x_padded, w, group_sizes, m, transpose=False)[: x.shape[0]], (x, w, group_sizes)
+
+
+def _tiled_grouped_matmul_bwd(residuals, dy: jax.Array):
+    x, w, group_sizes = residuals
+    m, padded = _tile_rows(x.shape[0])
+    pad = ((0, padded - x.shape[0]), (0, 0))
+    x_padded, dy_padded = jnp.pad(x, pad), jnp.pad(dy, pad)
+    dx = _tiled_products(dy_padded, w.astype(dy.dtype), group_sizes, m, transpose=True)[: x.shape[0]]
+    dw = _tiled_weight_grads(x_padded, dy_padded, group_sizes, m, w.shape[0])
+    return dx.astype(x.dtype), dw.astype(w.dtype), None
+
+
+_tiled_grouped_matmul.defvjp(_tiled_grouped_matmul_fwd, _tiled_grouped_matmul_bwd)
 
 
 class _Dispatch(NamedTuple):
@@ -169,15 +236,16 @@ class _Dispatch(NamedTuple):
 
 
 def _dispatch(routing: Routing, adapters: AdapterBatch, tokens_per_row: int, num_experts: int, num_slots: int) -> _Dispatch:
+    """Expert id `num_experts` marks an assignment held elsewhere: it sorts last, in no group."""
     n, k = routing.experts.shape
     experts = routing.experts.reshape(-1)
     token = jnp.repeat(jnp.arange(n), k)
-    per_expert = jnp.bincount(experts, length=num_experts).astype(jnp.int32)
+    per_expert = jnp.bincount(experts, length=num_experts + 1)[:num_experts].astype(jnp.int32)
     if adapters.form == "single":
         key, per_group = experts, per_expert
     else:
         key = experts * num_slots + adapters.slots[token // tokens_per_row]
-        per_group = jnp.bincount(key, length=num_experts * num_slots).astype(jnp.int32)
+        per_group = jnp.bincount(key, length=(num_experts + 1) * num_slots)[: num_experts * num_slots].astype(jnp.int32)
     order = jnp.argsort(key, stable=True)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
     return _Dispatch(token[order], experts[order], inverse, per_expert, per_group)
@@ -212,11 +280,16 @@ class Experts(nnx.Module):
         self.activation = activation
         self.bias = config.bias
 
-    def __call__(self, x: jax.Array, routing: Routing, adapters: AdapterBatch) -> jax.Array:
-        """The routing-weighted sum of each token's experts on x [B, T, D]."""
+    def __call__(self, x: jax.Array, routing: Routing, adapters: AdapterBatch, first_expert: jax.Array | int = 0) -> jax.Array:
+        """The routing-weighted sum of each token's experts on x [B, T, D]. This module may hold
+        only experts first_expert, first_expert + 1, ... (expert parallel): assignments to the
+        others are left out (the caller sums over the devices that hold them)."""
         b, t, d = x.shape
         n, k = routing.experts.shape
         num_experts = self.gate_up_proj.shape[0]
+        local = routing.experts - first_expert
+        mine = (local >= 0) & (local < num_experts)
+        routing = Routing(jnp.where(mine, local, num_experts), jnp.where(mine, routing.weights, 0.0))
         plan = _dispatch(routing, adapters, t, num_experts, self.gate_up_lora.lora_a.shape[0])
         scale = adapters.scale("mlp").astype(x.dtype)[:, None, None]
 
@@ -227,35 +300,54 @@ class Experts(nnx.Module):
         h = grouped_matmul(x.reshape(n, d)[plan.source], from_stored(self.gate_up_proj[...]), plan.per_expert)
         h = h + grouped_matmul(shared_in[plan.source], _grouped(self.gate_up_lora.lora_b[...], adapters, x.dtype), plan.per_group)
         if self.bias:
-            h = h + from_stored(self.gate_up_proj_bias[...])[plan.expert].astype(h.dtype)
+            h = h + jnp.take(from_stored(self.gate_up_proj_bias[...]), plan.expert, axis=0, mode="clip").astype(h.dtype)
         y = self.activation(h)
         out = grouped_matmul(y, from_stored(self.down_proj[...]), plan.per_expert)
         if self.bias:
-            out = out + from_stored(self.down_proj_bias[...])[plan.expert].astype(out.dtype)
+            out = out + jnp.take(from_stored(self.down_proj_bias[...]), plan.expert, axis=0, mode="clip").astype(out.dtype)
         low = grouped_matmul(y, _grouped(self.down_lora.lora_a[...], adapters, x.dtype), plan.per_group)
         shared_out = per_slot_out(token_order(low).reshape(b, t, -1) * scale, self.down_lora.lora_b[...], adapters)
         return token_order(out).reshape(b, t, d) + shared_out
 
 
 class MoeBlock(Protocol):
-    """A family's MoE block: `routed` routes and computes a batch's tokens in one place."""
+    """A family's MoE block: `routed` routes a batch's tokens and computes them on the experts
+    the block holds (from `first_expert` on)."""
 
-    def routed(self, x: jax.Array, adapters: AdapterBatch) -> jax.Array: ...
+    experts: Experts
+
+    def routed(self, x: jax.Array, adapters: AdapterBatch, first_expert: jax.Array | int = 0) -> jax.Array: ...
 
 
 def per_device(block: MoeBlock, x: jax.Array, adapters: AdapterBatch, mesh: Mesh | None) -> jax.Array:
     """`block.routed` with each device routing its own rows when the batch is split over the
-    mesh (`shard_map`; the layer's experts are gathered to every device like any fsdp-split
-    weight). Left to XLA's partitioner, the sort over the whole batch is replicated, and every
-    device would dispatch every token. An unsplit batch is routed in one place."""
-    if mesh is None or mesh.shape[BATCH_AXIS] == 1 or x.shape[0] % mesh.shape[BATCH_AXIS]:
+    mesh (`shard_map`). Left to XLA's partitioner, the sort over the whole batch is replicated,
+    and every device would dispatch every token. An unsplit batch is routed in one place.
+
+    With an expert axis (ep > 1) each device holds E / ep experts: the ep group's tokens are
+    all-gathered, each device computes its experts' share of every token, and a reduce-scatter
+    sums the shares and hands each device its own rows back (the all-gather dispatch). Without
+    one, the layer's experts are gathered to every device like any fsdp-split weight."""
+    if mesh is None or data_parallel(mesh) == 1 or x.shape[0] % data_parallel(mesh):
         return block.routed(x, adapters)
     graphdef, state = nnx.split(block)
+    ep = mesh.shape[EXPERT_AXIS]
 
     def local(state: nnx.State, x: jax.Array, slots: jax.Array, scales: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, state).routed(x, AdapterBatch(slots, scales, adapters.form))
+        held = nnx.merge(graphdef, state)
+        if ep == 1:
+            return held.routed(x, AdapterBatch(slots, scales, adapters.form))
+        x, slots, scales = (jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True) for a in (x, slots, scales))
+        first = jax.lax.axis_index(EXPERT_AXIS) * held.experts.gate_up_proj.shape[0]
+        out = held.routed(x, AdapterBatch(slots, scales, adapters.form), first)
+        return jax.lax.psum_scatter(out, EXPERT_AXIS, scatter_dimension=0, tiled=True)
 
-    rows = P(BATCH_AXIS)
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), rows, rows, rows), out_specs=rows, check_vma=False)(
+    def held_spec(path: tuple, leaf: jax.Array) -> P:
+        axes = logical_axes(tuple(key_name(key) for key in path), leaf.ndim)
+        return P(*(EXPERT_AXIS if axis == "experts" and ep > 1 else None for axis in axes))
+
+    specs = jax.tree_util.tree_map_with_path(held_spec, state)
+    rows = P(batch_axes(mesh))
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs, rows, rows, rows), out_specs=rows, check_vma=False)(
         state, x, adapters.slots, adapters.scales
     )

@@ -6,7 +6,8 @@ buffer assignment (`compiled.memory_analysis()`) is reported. Nothing is allocat
 Qwen3-8B step can be sized on a small CPU machine. On XLA:CPU the numbers are the CPU program's:
 bf16 matmuls run in f32 and `ragged_dot` is expanded group by group, so temporaries differ from a
 GPU/TPU compile. With `--devices N` the inputs are laid over a mesh of N simulated CPU devices
-(`--tp` of them on the tp axis) as the engine lays them, and the figures are one device's. Usage:
+(`--tp` of them on the tp axis, `--ep` on the expert axis) as the engine lays them, and the
+figures are one device's. Usage:
     python scripts/bench/memory.py --model qwen3-8b --batch 1 --seq 2048 --layers 4 --json
     python scripts/bench/memory.py --model qwen3-30b-a3b --devices 8 --batch 1 --seq 8192 --json
     python scripts/bench/memory.py --all --timeout 900 --out out/bench/memory.md
@@ -42,7 +43,7 @@ from tuft_jax.models.decoder import CausalLM, DecoderConfig, LoraShape
 from tuft_jax.models.hf_config import config_from_hf
 from tuft_jax.optimizer import init_optimizer_state
 from tuft_jax.paged_attention import KVPool, init_pool, tile_blocks
-from tuft_jax.sharding import batch_sharding, make_mesh, param_sharding
+from tuft_jax.sharding import batch_sharding, data_parallel, make_mesh, param_sharding
 from tuft_jax.stored_dtype import stored_dtype
 
 DECODE_CHUNK = 16
@@ -226,6 +227,7 @@ def measure(
     remat: bool = True,
     devices: int = 1,
     tp: int = 1,
+    ep: int = 1,
 ) -> dict[str, Any]:
     if devices > 1 and mode != "train":
         raise SystemExit("--devices > 1 is measured for --mode train only")
@@ -233,10 +235,10 @@ def measure(
     cfg = decoder_config(model, layers, cache_dir)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, LoraShape(slots, rank), dtype=dtype))
     graphdef, lora, base = nnx.split(abstract, nnx.LoRAParam, nnx.Param)
-    mesh = make_mesh(jax.devices()[:devices], tp)
+    mesh = make_mesh(jax.devices()[:devices], tp, ep)
     base, lora = placed(base, mesh, stored_dtype), placed(lora, mesh)
-    fsdp = mesh.shape["fsdp"]
-    rows = -(-b // fsdp) * fsdp  # the engine pads the batch to the data-parallel width
+    width = data_parallel(mesh)
+    rows = -(-b // width) * width  # the engine pads the batch to the data-parallel width
     start = time.perf_counter()
     lowered = lower(mode, graphdef, base, lora, cfg, rows, t, dtype, adapters, remat, mesh)
     lower_s = time.perf_counter() - start
@@ -244,7 +246,7 @@ def measure(
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
-    parts = lower_bound(mode, cfg, nbytes(base), nbytes(lora), rows // fsdp, t, dtype.itemsize)
+    parts = lower_bound(mode, cfg, nbytes(base), nbytes(lora), rows // width, t, dtype.itemsize)
     argument, output, temp, alias = (
         mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes
     )
@@ -343,6 +345,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/tuft/bench").expanduser(), help="for tiny")
     parser.add_argument("--devices", type=int, default=1, help="simulated CPU devices the inputs are laid over")
     parser.add_argument("--tp", type=int, default=1, help="of those, devices on the tp axis")
+    parser.add_argument("--ep", type=int, default=1, help="of those, devices on the expert axis")
     args = parser.parse_args()
     jax.config.update("jax_num_cpu_devices", args.devices)
     if args.all:
@@ -350,7 +353,7 @@ def main() -> None:
         return
     r = measure(
         args.model, args.mode, args.batch, args.seq, args.layers, args.rank, args.slots, args.dtype, args.cache_dir,
-        args.adapters, not args.no_remat, args.devices, args.tp,
+        args.adapters, not args.no_remat, args.devices, args.tp, args.ep,
     )
     if args.json:
         print(json.dumps(r))

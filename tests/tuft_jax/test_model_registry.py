@@ -169,6 +169,7 @@ def test_limits_must_be_positive_integers(tmp_path: Path, checkpoints: Path, key
         ({"kv_cache_tokens": 0}, "kv_cache_tokens must be a positive integer"),
         ({"kv_cache_tokens": 10}, "must hold one max_context_length sequence"),
         ({"tensor_parallel": True}, "tensor_parallel must be a positive integer"),
+        ({"expert_parallel": 0}, "expert_parallel must be a positive integer"),
     ],
 )
 def test_bad_field_values(tmp_path: Path, checkpoints: Path, overrides: dict[str, Any], message: str) -> None:
@@ -184,8 +185,8 @@ def test_example_models_yaml_is_valid_apart_from_its_paths(tmp_path: Path, check
     for entry in document["models"]:
         entry["path"] = str(checkpoints / "qwen")
     specs = load_model_specs(_write_yaml(tmp_path, document), tmp_path)
-    assert [(s.name, s.dtype, s.kv_cache_tokens, s.tensor_parallel) for s in specs] == [
-        ("Qwen/Qwen3-8B", "bfloat16", 262144, 2),
-        ("meta-llama/Llama-3.1-8B", "bfloat16", None, 1),
-        ("Qwen/Qwen3-30B-A3B", "bfloat16", None, 1),
+    assert [(s.name, s.dtype, s.kv_cache_tokens, s.tensor_parallel, s.expert_parallel) for s in specs] == [
+        ("Qwen/Qwen3-8B", "bfloat16", 262144, 2, 1),
+        ("meta-llama/Llama-3.1-8B", "bfloat16", None, 1, 1),
+        ("Qwen/Qwen3-30B-A3B", "bfloat16", None, 1, 1),
     ]

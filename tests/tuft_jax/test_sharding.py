@@ -23,7 +23,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 from tuft_jax.sharding import MESH_AXES, logical_axes, make_mesh, spec_for
 
 
-def _train(mesh_devices: int, tp: int, model_dir: Path) -> dict:
+def _train(mesh_devices: int, tp: int, ep: int, model_dir: Path) -> dict:
     import jax
 
     from tuft_jax.engine import Engine
@@ -31,7 +31,7 @@ def _train(mesh_devices: int, tp: int, model_dir: Path) -> dict:
     from tuft_jax.types import AdamParams, Datum, LoraConfig, SamplingParams
 
     spec = BaseModelSpec("tiny", model_dir, 256, 8, 4, family=detect_family(model_dir))
-    engine = Engine(spec, make_mesh(jax.devices()[:mesh_devices], tp=tp), kv_cache_tokens=1024)
+    engine = Engine(spec, make_mesh(jax.devices()[:mesh_devices], tp=tp, ep=ep), kv_cache_tokens=1024)
     slots = [engine.create_adapter(LoraConfig(rank=4, seed=s)) for s in (1, 2)]
     rng = np.random.default_rng(0)
     data = []
@@ -57,6 +57,7 @@ def _train(mesh_devices: int, tp: int, model_dir: Path) -> dict:
     return {
         "losses": losses, "weights": weights, "shardings": sorted(shardings), "samples": samples,
         "kv_bytes": pool.k.nbytes, "kv_device_bytes": kv_device_bytes, "kv_blocks": pool.k.shape[2],
+        "kv_split": engine.mesh.shape["fsdp"] * engine.mesh.shape["tp"],
     }  # fmt: skip
 
 
@@ -66,24 +67,26 @@ def test_eight_device_mesh_matches_one_device(tmp_path: Path, family: str) -> No
 
     model_dir = build_tiny_hf_checkpoint(tmp_path / family, family, seed=0)  # type: ignore[arg-type]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    ep = 1 if family == "qwen3" else 2  # MoE: experts over ep=2, with fsdp=2 and tp=2
     out = subprocess.run(
-        [sys.executable, __file__, str(model_dir)], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, __file__, str(model_dir), str(ep)], env=env, capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stderr[-4000:]
     single, sharded = json.loads(out.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-4)
     np.testing.assert_allclose(sharded["weights"], single["weights"], rtol=1e-4)
     assert any("fsdp" in s for s in sharded["shardings"]) and any("tp" in s for s in sharded["shardings"])
-    if family != "qwen3":  # expert kernels [L, E, D, 2I] and [L, E, I, D]: whole experts per fsdp shard
-        assert {"P(None, 'fsdp', None, 'tp')", "P(None, 'fsdp', 'tp', None)"} <= set(sharded["shardings"])
+    if family != "qwen3":  # expert kernels [L, E, D, 2I] and [L, E, I, D]: whole experts per (ep, fsdp) shard
+        assert {"P(None, ('ep', 'fsdp'), None, 'tp')", "P(None, ('ep', 'fsdp'), 'tp', None)"} <= set(sharded["shardings"])
     for ours, reference in zip(sharded["samples"], single["samples"], strict=True):
         assert [tokens for tokens, _ in ours[:-1]] == [tokens for tokens, _ in reference[:-1]]
         np.testing.assert_allclose([lp for _, lp in ours[:-1]], [lp for _, lp in reference[:-1]], atol=1e-4)
         np.testing.assert_allclose(ours[-1], reference[-1], atol=1e-4)
-    # The pool's kv heads are split over tp and its blocks over fsdp: each of the 8 devices holds
-    # an eighth of it (one device holds all of its own), at the same bytes per block.
+    # The pool's kv heads are split over tp and its blocks over fsdp: each device holds
+    # 1 / (fsdp x tp) of it (an eighth without ep), at the same bytes per block.
     assert single["kv_device_bytes"] == single["kv_bytes"]
-    assert sharded["kv_device_bytes"] * 8 == sharded["kv_bytes"]
+    assert sharded["kv_device_bytes"] * sharded["kv_split"] == sharded["kv_bytes"]
+    assert sharded["kv_split"] == 8 // ep
     assert sharded["kv_bytes"] / sharded["kv_blocks"] == single["kv_bytes"] / single["kv_blocks"]
 
 
@@ -99,21 +102,27 @@ def test_logical_axes_follow_parameter_roles() -> None:
     assert logical_axes((*experts, "gate_up_lora", "lora_b"), 5) == ("slots", "layers", "experts", "rank", "mlp")
     assert logical_axes((*experts, "down_lora", "lora_a"), 5) == ("slots", "layers", "experts", "mlp", "rank")
     assert logical_axes((*experts, "down_lora", "lora_b"), 4) == ("slots", "layers", "rank", "embed")
+    assert logical_axes((*experts, "gate_up_proj_bias"), 3) == ("layers", "experts", None)
+    assert logical_axes(("mlp", "experts", "down_proj_bias"), 2) == ("experts", None)  # one layer's
 
 
 def test_indivisible_dimensions_stay_replicated() -> None:
-    mesh = AbstractMesh((4, 2), MESH_AXES)
+    mesh = AbstractMesh((4, 1, 2), MESH_AXES)
     assert spec_for(("vocab", "embed"), (8, 64), mesh) == PartitionSpec("tp", "fsdp")
     assert spec_for(("vocab", "embed"), (7, 6), mesh) == PartitionSpec(None, None)
 
 
 def test_a_mesh_axis_splits_the_first_dimension_that_takes_it() -> None:
-    mesh = AbstractMesh((4, 2), MESH_AXES)
+    mesh = AbstractMesh((4, 1, 2), MESH_AXES)
     experts = ("layers", "experts", "embed", "mlp")
     assert spec_for(experts, (2, 8, 64, 64), mesh) == PartitionSpec(None, "fsdp", None, "tp")
     assert spec_for(experts, (2, 6, 64, 64), mesh) == PartitionSpec(None, None, "fsdp", "tp")
+    expert_parallel = AbstractMesh((2, 2, 2), MESH_AXES)
+    assert spec_for(experts, (2, 8, 64, 64), expert_parallel) == PartitionSpec(None, ("ep", "fsdp"), None, "tp")
+    assert spec_for(experts, (2, 2, 64, 64), expert_parallel) == PartitionSpec(None, "ep", "fsdp", "tp")
+    assert spec_for(("vocab", "embed"), (8, 64), expert_parallel) == PartitionSpec("tp", ("fsdp", "ep"))
 
 
 if __name__ == "__main__":
-    model = Path(sys.argv[1])
-    print(json.dumps([_train(1, 1, model), _train(8, 2, model)]))
+    model, ep = Path(sys.argv[1]), int(sys.argv[2])
+    print(json.dumps([_train(1, 1, 1, model), _train(8, 2, ep, model)]))

@@ -88,8 +88,8 @@ class MoeBlock(nnx.Module):
     def __call__(self, x: jax.Array, adapters: AdapterBatch, mesh: Mesh | None) -> jax.Array:
         return per_device(self, x, adapters, mesh)
 
-    def routed(self, x: jax.Array, adapters: AdapterBatch) -> jax.Array:
-        return self.experts(x, top_k_softmax(self.router(x), self.config.experts_per_token), adapters)
+    def routed(self, x: jax.Array, adapters: AdapterBatch, first_expert: jax.Array | int = 0) -> jax.Array:
+        return self.experts(x, top_k_softmax(self.router(x), self.config.experts_per_token), adapters, first_expert)
 
 
 def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -101,7 +101,9 @@ def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return np.swapaxes(values.reshape(*blocks.shape[:2], -1), 1, 2)
 
 
-def expert_tensor(layer_prefix: str, name: str, num_experts: int, read: Callable[[str], np.ndarray], has: Callable[[str], bool]) -> np.ndarray:
+def expert_tensor(
+    layer_prefix: str, name: str, num_experts: int, read: Callable[[str], np.ndarray], has: Callable[[str], bool]
+) -> np.ndarray:
     """One layer's expert tensor `name` (a kernel, [in, out], or a bias) from the checkpoint,
     dequantising MXFP4 kernels; `layer_prefix` is `model.layers.N.mlp.experts`."""
     key = f"{layer_prefix}.{name}"

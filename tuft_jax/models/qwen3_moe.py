@@ -30,7 +30,10 @@ def moe_config_from_hf(hf: dict[str, Any]) -> MoeConfig:
     step = int(hf.get("decoder_sparse_step", 1))
     dense = sorted(set(hf.get("mlp_only_layers") or []) | {i for i in range(layers) if (i + 1) % step})
     if dense:
-        raise ValueError(f"{MODEL_TYPE}: layers {dense} keep a dense MLP (mlp_only_layers / decoder_sparse_step); only all-MoE stacks are supported")
+        raise ValueError(
+            f"{MODEL_TYPE}: layers {dense} keep a dense MLP (mlp_only_layers / decoder_sparse_step); "
+            "only all-MoE stacks are supported"
+        )
     return MoeConfig(
         num_experts=int(hf.get("num_experts") or hf["num_local_experts"]),
         experts_per_token=int(hf["num_experts_per_tok"]),
@@ -57,9 +60,9 @@ class SparseMoeBlock(nnx.Module):
     def __call__(self, x: jax.Array, adapters: AdapterBatch, mesh: Mesh | None) -> jax.Array:
         return per_device(self, x, adapters, mesh)
 
-    def routed(self, x: jax.Array, adapters: AdapterBatch) -> jax.Array:
+    def routed(self, x: jax.Array, adapters: AdapterBatch, first_expert: jax.Array | int = 0) -> jax.Array:
         routing = softmax_top_k(self.gate(x), self.config.experts_per_token, self.config.normalize_top_k)
-        return self.experts(x, routing, adapters)
+        return self.experts(x, routing, adapters, first_expert)
 
 
 Read = Callable[[str], np.ndarray]
