@@ -65,20 +65,30 @@ def _token_groups(adapters: AdapterBatch, tokens: int, num_slots: int) -> tuple[
     return jnp.argsort(token_slots, stable=True), jnp.bincount(token_slots, length=num_slots).astype(jnp.int32)
 
 
+def _slot_matmul(x: jax.Array, w: jax.Array, adapters: AdapterBatch) -> jax.Array:
+    """x [B, T, p] times each row's slot of w [slots, p, q] in the `single`, `per_row` or
+    `grouped` form: [B, T, q]."""
+    if adapters.form == "single":
+        return x @ jax.lax.dynamic_index_in_dim(w, jnp.max(adapters.slots), keepdims=False)
+    if adapters.form == "per_row":
+        return jnp.einsum("btp,bpq->btq", x, w[adapters.slots])
+    b, t, p = x.shape
+    order, sizes = _token_groups(adapters, t, w.shape[0])
+    out = jax.lax.ragged_dot(x.reshape(b * t, p)[order], w, sizes)
+    return jnp.zeros_like(out).at[order].set(out).reshape(b, t, -1)
+
+
+def _own_slot(adapters: AdapterBatch, num_slots: int, dtype: jnp.dtype) -> jax.Array:
+    """[B, slots]: one-hot of each row's slot."""
+    return (jnp.arange(num_slots) == adapters.slots[:, None]).astype(dtype)
+
+
 def per_slot_in(x: jax.Array, a: jax.Array, adapters: AdapterBatch) -> jax.Array:
     """x [B, T, in] times each row's slot of `a` [slots, in, r]: [B, T, r], in the batch's form."""
     a = a.astype(x.dtype)
-    if adapters.form == "single":
-        return x @ jax.lax.dynamic_index_in_dim(a, jnp.max(adapters.slots), keepdims=False)
-    if adapters.form == "per_row":
-        return jnp.einsum("btd,bdr->btr", x, a[adapters.slots])
     if adapters.form == "every_slot":
-        own = (jnp.arange(a.shape[0]) == adapters.slots[:, None]).astype(x.dtype)
-        return jnp.einsum("btsr,bs->btr", jnp.einsum("btd,sdr->btsr", x, a), own)
-    b, t, d = x.shape
-    order, sizes = _token_groups(adapters, t, a.shape[0])
-    low = jax.lax.ragged_dot(x.reshape(b * t, d)[order], a, sizes)
-    return jnp.zeros_like(low).at[order].set(low).reshape(b, t, -1)
+        return jnp.einsum("btsr,bs->btr", jnp.einsum("btd,sdr->btsr", x, a), _own_slot(adapters, a.shape[0], x.dtype))
+    return _slot_matmul(x, a, adapters)
 
 
 def per_slot_out(low: jax.Array, b: jax.Array, adapters: AdapterBatch) -> jax.Array:
@@ -86,17 +96,10 @@ def per_slot_out(low: jax.Array, b: jax.Array, adapters: AdapterBatch) -> jax.Ar
     places each row's low in its own slot's block of the joint [slots x r] axis and meets all of
     `b` in one matmul, so each slot's weights are read once however many rows there are."""
     b = b.astype(low.dtype)
-    if adapters.form == "single":
-        return low @ jax.lax.dynamic_index_in_dim(b, jnp.max(adapters.slots), keepdims=False)
-    if adapters.form == "per_row":
-        return jnp.einsum("btr,bro->bto", low, b[adapters.slots])
     if adapters.form == "every_slot":
-        own = (jnp.arange(b.shape[0]) == adapters.slots[:, None]).astype(low.dtype)
+        own = _own_slot(adapters, b.shape[0], low.dtype)
         return jnp.einsum("btsr,sro->bto", low[:, :, None, :] * own[:, None, :, None], b)
-    rows, t, r = low.shape
-    order, sizes = _token_groups(adapters, t, b.shape[0])
-    out = jax.lax.ragged_dot(low.reshape(rows * t, r)[order], b, sizes)
-    return jnp.zeros_like(out).at[order].set(out).reshape(rows, t, -1)
+    return _slot_matmul(low, b, adapters)
 
 
 class LoraDelta(nnx.Module):
