@@ -17,12 +17,15 @@ import numpy as np
 
 from tuft_jax.errors import InputError
 
-Formula = Callable[[jax.Array, Mapping[str, jax.Array]], jax.Array]
+SequenceMean = Callable[[jax.Array, jax.Array], jax.Array]
+"""(values, weights) -> at every position, the weighted mean of `values` over its own datum."""
+Formula = Callable[[jax.Array, Mapping[str, jax.Array], SequenceMean], jax.Array]
 
 CLIP_LOW = "clip_low_threshold"
 CLIP_HIGH = "clip_high_threshold"
+SEQUENCE_MASK = "sequence_ratio_mask"
 _INTEGER_INPUTS = frozenset({"target_tokens"})
-_UNSUPPORTED = ("gspo", "stable_reinforce", "custom")
+_UNSUPPORTED = ("stable_reinforce", "custom")
 
 
 @dataclass(frozen=True)
@@ -49,29 +52,47 @@ def _ratio(lp: jax.Array, x: Mapping[str, jax.Array]) -> jax.Array:
     return jnp.exp(lp - x["logprobs"])
 
 
-def _ppo(lp: jax.Array, x: Mapping[str, jax.Array]) -> jax.Array:
-    ratio = _ratio(lp, x)
+def _clipped_surrogate(ratio: jax.Array, x: Mapping[str, jax.Array]) -> jax.Array:
     clipped = jnp.clip(ratio, x[CLIP_LOW], x[CLIP_HIGH])
     return -jnp.minimum(ratio * x["advantages"], clipped * x["advantages"])
 
 
-def _cispo(lp: jax.Array, x: Mapping[str, jax.Array]) -> jax.Array:
+def _ppo(lp: jax.Array, x: Mapping[str, jax.Array], _: SequenceMean) -> jax.Array:
+    return _clipped_surrogate(_ratio(lp, x), x)
+
+
+def _gspo(lp: jax.Array, x: Mapping[str, jax.Array], sequence_mean: SequenceMean) -> jax.Array:
+    """GSPO-token: every token's ratio has the value of its datum's sequence ratio (the geometric
+    mean of the masked tokens' ratios) and the gradient of its own logprob."""
+    fixed = jax.lax.stop_gradient(lp)
+    log_ratio = sequence_mean(fixed - x["logprobs"], x[SEQUENCE_MASK])
+    return _clipped_surrogate(jnp.exp(log_ratio + lp - fixed), x)
+
+
+def _cispo(lp: jax.Array, x: Mapping[str, jax.Array], _: SequenceMean) -> jax.Array:
     coeff = jax.lax.stop_gradient(jnp.clip(_ratio(lp, x), x[CLIP_LOW], x[CLIP_HIGH]))
     return -coeff * lp * x["advantages"]
 
 
-def _dro(lp: jax.Array, x: Mapping[str, jax.Array]) -> jax.Array:
+def _dro(lp: jax.Array, x: Mapping[str, jax.Array], _: SequenceMean) -> jax.Array:
     return -(lp * x["advantages"] - 0.5 * x["beta"] * (lp - x["logprobs"]) ** 2)
 
 
 _CLIPPED_OPTIONAL = ("weights", CLIP_LOW, CLIP_HIGH)
+_PPO_CLIP = {CLIP_LOW: 0.8, CLIP_HIGH: 1.2}
 
 LOSSES: Mapping[str, LossSpec] = {
-    "cross_entropy": LossSpec(lambda lp, x: -lp, required=("target_tokens",), max_target_ndim=2),
-    "importance_sampling": LossSpec(lambda lp, x: -_ratio(lp, x) * x["advantages"]),
-    "ppo": LossSpec(_ppo, optional=_CLIPPED_OPTIONAL, config={CLIP_LOW: 0.8, CLIP_HIGH: 1.2}),
+    "cross_entropy": LossSpec(lambda lp, x, _: -lp, required=("target_tokens",), max_target_ndim=2),
+    "importance_sampling": LossSpec(lambda lp, x, _: -_ratio(lp, x) * x["advantages"]),
+    "ppo": LossSpec(_ppo, optional=_CLIPPED_OPTIONAL, config=_PPO_CLIP),
     "cispo": LossSpec(_cispo, optional=_CLIPPED_OPTIONAL, config={CLIP_LOW: 0.0, CLIP_HIGH: 4.0}),
     "dro": LossSpec(_dro, config={"beta": None}),
+    "gspo": LossSpec(
+        _gspo,
+        required=("target_tokens", "logprobs", "advantages", SEQUENCE_MASK),
+        optional=_CLIPPED_OPTIONAL,
+        config=_PPO_CLIP,
+    ),
 }
 
 
@@ -153,6 +174,8 @@ def _check_datum(
     if CLIP_LOW in arrays or CLIP_HIGH in arrays:
         low, high = (arrays.get(key, config[key]) for key in (CLIP_LOW, CLIP_HIGH))
         _check_clip_order(where, low, high)
+    if SEQUENCE_MASK in arrays and not np.isin(arrays[SEQUENCE_MASK], (0, 1)).all():
+        raise InputError(f"{where} {SEQUENCE_MASK!r} must hold only 0 and 1 (1 on the sampled tokens)")
 
 
 def check_loss_request(
@@ -175,24 +198,45 @@ def check_loss_request(
     return resolved
 
 
+def _sequence_mean(segments: jax.Array | None) -> SequenceMean:
+    """Means over each datum: a whole row, or with `segments` ([B, T], one id per datum of a
+    packed row) each id's positions. A datum with zero total weight gets 0."""
+
+    def mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+        rows, length = values.shape[:2]
+        ids = jnp.zeros((rows, length), jnp.int32) if segments is None else segments
+
+        def row_mean(v: jax.Array, w: jax.Array, row_ids: jax.Array) -> jax.Array:
+            total = jax.ops.segment_sum((v * w).sum(-1), row_ids, num_segments=length + 1)
+            count = jax.ops.segment_sum(w.sum(-1), row_ids, num_segments=length + 1)
+            return jnp.where(count > 0, total / jnp.where(count > 0, count, 1), 0)[row_ids]
+
+        return jax.vmap(row_mean)(values, weights, ids)[..., None]
+
+    return mean
+
+
 def token_loss(
     loss_fn: str,
     lp: jax.Array,
     inputs: Mapping[str, jax.Array],
     mask: jax.Array,
     config: Mapping[str, jax.Array | float],
+    segments: jax.Array | None = None,
 ) -> jax.Array:
     """Elementwise loss shaped like `lp` ([B, T, K]), exactly 0 wherever `mask` is False.
 
     Masked positions are replaced by zeros before the formula (ratio = 1, everything finite), so
     arbitrary padding filler can neither overflow `exp` nor put NaN into the gradient through the
     unselected `where` branch. Per-token inputs named like a config key override that key; an absent
-    `weights` means 1. `target_tokens` and keys `loss_fn` does not accept are ignored.
+    `weights` means 1. `target_tokens` and keys `loss_fn` does not accept are ignored. `segments`
+    ([B, T]) tells the datums of a packed row apart for sequence-level losses; without it each row
+    is one datum.
     """
     spec = _spec(loss_fn)
     safe = {key: jnp.where(mask, inputs[key], 0) for key in spec.real_inputs if key in inputs}
     values = {**config, **safe}
-    loss = spec.formula(jnp.where(mask, lp, 0), values)
+    loss = spec.formula(jnp.where(mask, lp, 0), values, _sequence_mean(segments))
     if "weights" in safe:
         loss = loss * safe["weights"]
     return jnp.where(mask, loss, 0)

@@ -91,7 +91,7 @@ def _loss(
     mesh: Mesh | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     lp = target_logprobs(graphdef, base, lora, batch, chunk_tokens, lora_form, remat, mesh)
-    per_token = token_loss(loss_fn, lp, batch.inputs, batch.mask, config).sum(axis=2)
+    per_token = token_loss(loss_fn, lp, batch.inputs, batch.mask, config, batch.segments).sum(axis=2)
     return per_token.sum(), (lp, per_token)
 
 

@@ -183,11 +183,11 @@ def test_an_engine_call_that_fails_on_the_device_changes_nothing(make, monkeypat
 
     real_token_loss = train_step.token_loss
 
-    def token_loss(loss_fn, lp, inputs, mask, config):
+    def token_loss(loss_fn, lp, inputs, mask, config, segments):
         if loss_fn == "exploding_cross_entropy":  # a fresh static argument, so this is traced anew
             mask = jax.pure_callback(explode, jax.ShapeDtypeStruct(mask.shape, mask.dtype), mask)
             loss_fn = "cross_entropy"
-        return real_token_loss(loss_fn, lp, inputs, mask, config)
+        return real_token_loss(loss_fn, lp, inputs, mask, config, segments)
 
     monkeypatch.setattr(train_step, "token_loss", token_loss)
     assert "exploding_cross_entropy" not in losses.LOSSES

@@ -12,15 +12,16 @@ import pytest
 import torch
 
 from tuft_jax.errors import InputError
-from tuft_jax.losses import check_loss_request, token_loss
+from tuft_jax.losses import LOSSES, check_loss_request, token_loss
 
-CLIPPED = ("ppo", "cispo")
+CLIPPED = ("ppo", "cispo", "gspo")
 DEFAULTS = {
     "cross_entropy": {},
     "importance_sampling": {},
     "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
     "cispo": {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
     "dro": {"beta": 0.05},
+    "gspo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
 }
 
 
@@ -33,11 +34,13 @@ def _x64() -> Iterator[None]:
 
 @dataclass
 class Batch:
-    """The engine's padded [B, T, K] layout: learner logprobs, per-token inputs, validity mask."""
+    """The engine's padded [B, T, K] layout: learner logprobs, per-token inputs, validity mask,
+    and for packed rows the datum id of every position ([B, T]; None: one datum per row)."""
 
     lp: np.ndarray
     inputs: dict[str, np.ndarray]
     mask: np.ndarray
+    segments: np.ndarray | None = None
 
 
 def make_batch(
@@ -52,10 +55,27 @@ def make_batch(
     if loss_fn != "cross_entropy":
         inputs["logprobs"] = lp + rng.normal(scale=0.6, size=shape)
         inputs["advantages"] = rng.normal(size=shape)
+    if loss_fn == "gspo":  # sequence ratios about 1.5, 1 and 0.67: inside and outside the clip range
+        inputs["logprobs"] += np.linspace(-0.4, 0.4, shape[0])[:, None, None]
+        inputs["sequence_ratio_mask"] = (rng.random(shape) < 0.8).astype(float)
     if per_token_clip:
         inputs["clip_low_threshold"] = rng.uniform(0.0, 0.9, shape)
         inputs["clip_high_threshold"] = rng.uniform(1.1, 2.0, shape)
     return Batch(lp, inputs, mask)
+
+
+def torch_sequence_log_ratio(batch: Batch, x: torch.Tensor, slp: torch.Tensor, in_ratio: torch.Tensor) -> torch.Tensor:
+    """GSPO's ℓ at every valid token: the mean of sg(p) - q over the masked tokens of its datum."""
+    rows, length = batch.lp.shape[:2]
+    datum = np.arange(rows)[:, None] * (length + 1) + (0 if batch.segments is None else batch.segments)
+    ids = torch.tensor(np.broadcast_to(datum[..., None], batch.lp.shape)[batch.mask])
+    log_ratio = torch.zeros_like(x)
+    for i in ids.unique():
+        mine = ids == i
+        weight = in_ratio[mine]
+        if weight.sum() > 0:
+            log_ratio[mine] = (weight * (x.detach()[mine] - slp[mine])).sum() / weight.sum()
+    return log_ratio
 
 
 def torch_reference(loss_fn: str, batch: Batch, config: Mapping[str, float]) -> tuple[float, np.ndarray]:
@@ -69,10 +89,14 @@ def torch_reference(loss_fn: str, batch: Batch, config: Mapping[str, float]) -> 
     else:
         slp, adv = valid["logprobs"], valid["advantages"]
         ratio = torch.exp(x - slp)
+        if loss_fn == "gspo":
+            log_ratio = torch_sequence_log_ratio(batch, x, slp, valid["sequence_ratio_mask"])
+            ratio = torch.exp(log_ratio + x - x.detach())
         clipped = torch.clamp(ratio, clip["clip_low_threshold"], clip["clip_high_threshold"])
         per_token = {
             "importance_sampling": lambda: -ratio * adv,
             "ppo": lambda: -torch.minimum(ratio * adv, clipped * adv),
+            "gspo": lambda: -torch.minimum(ratio * adv, clipped * adv),
             "cispo": lambda: -(clipped.detach() * x * adv),
             "dro": lambda: -(x * adv - 0.5 * config.get("beta", 0.0) * (x - slp) ** 2),
         }[loss_fn]()
@@ -87,13 +111,14 @@ def jax_loss_and_grad(loss_fn: str, batch: Batch, config: Mapping[str, float]) -
     """Elementwise loss and d(sum)/d(lp), jitted with config as traced scalars like the engine."""
     dtype = batch.lp.dtype
     mask = jnp.asarray(batch.mask)
+    segments = None if batch.segments is None else jnp.asarray(batch.segments)
 
     @jax.jit
     def run(lp: jax.Array, inputs: dict[str, jax.Array], config: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
         def total(x: jax.Array) -> jax.Array:
-            return token_loss(loss_fn, x, inputs, mask, config).sum()
+            return token_loss(loss_fn, x, inputs, mask, config, segments).sum()
 
-        return token_loss(loss_fn, lp, inputs, mask, config), jax.grad(total)(lp)
+        return token_loss(loss_fn, lp, inputs, mask, config, segments), jax.grad(total)(lp)
 
     inputs = {key: jnp.asarray(value) for key, value in batch.inputs.items()}
     traced = {key: jnp.asarray(value, dtype) for key, value in config.items()}
@@ -124,6 +149,7 @@ def test_matches_torch_reference(loss_fn: str, with_weights: bool) -> None:
         ("ppo", {"clip_low_threshold": 0.5, "clip_high_threshold": 1.5}),
         ("cispo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}),
         ("dro", {"beta": 0.7}),
+        ("gspo", {"clip_low_threshold": 0.95, "clip_high_threshold": 1.05}),
     ],
 )
 def test_non_default_config(loss_fn: str, config: dict[str, float]) -> None:
@@ -144,6 +170,44 @@ def test_top_k_cross_entropy() -> None:
     batch = make_batch("cross_entropy", seed=3, shape=(2, 6, 4))
     batch.mask[1, 4:, :] = False
     assert_matches_reference("cross_entropy", batch, {})
+
+
+def test_gspo_ratio_is_per_datum_of_a_packed_row() -> None:
+    """Packed datums (segments 1, 2, 3 and padding 0 in one row) each get their own sequence ratio,
+    so a row holding three datums gives what three rows of one datum each give."""
+    batch = make_batch("gspo", seed=17, shape=(2, 12, 1))
+    batch.mask[:] = True
+    batch.mask[1, 10:] = False
+    batch.segments = np.array([[1] * 4 + [2] * 5 + [3] * 3, [1] * 6 + [2] * 4 + [0] * 2])
+    assert_matches_reference("gspo", batch, DEFAULTS["gspo"])
+    packed_loss, packed_grad = jax_loss_and_grad("gspo", batch, DEFAULTS["gspo"])
+    spans = [(0, slice(0, 4)), (0, slice(4, 9)), (0, slice(9, 12)), (1, slice(0, 6)), (1, slice(6, 10))]
+    for row, span in spans:
+        alone = Batch(
+            batch.lp[row : row + 1, span],
+            {key: value[row : row + 1, span] for key, value in batch.inputs.items()},
+            batch.mask[row : row + 1, span],
+        )
+        loss, grad = jax_loss_and_grad("gspo", alone, DEFAULTS["gspo"])
+        np.testing.assert_allclose(packed_loss[row, span], loss[0], rtol=1e-12)
+        np.testing.assert_allclose(packed_grad[row, span], grad[0], rtol=1e-12)
+
+
+def test_gspo_value_is_the_sequence_ratio_and_gradient_the_tokens_own() -> None:
+    """Without clipping and weights: loss_t = -s A_t with s = exp(mean masked log-ratio), and
+    d loss_t / d lp_t = -s A_t (no gradient through the mean); unmasked tokens do not move s."""
+    batch = make_batch("gspo", seed=19, shape=(1, 8, 1))
+    del batch.inputs["weights"]
+    batch.mask[:] = True
+    in_ratio = batch.inputs["sequence_ratio_mask"]
+    in_ratio[:] = 0
+    in_ratio[0, 3:] = 1
+    wide = {"clip_low_threshold": 0.0, "clip_high_threshold": 1e9}
+    loss, grad = jax_loss_and_grad("gspo", batch, wide)
+    log_ratio = batch.lp - batch.inputs["logprobs"]
+    expected = -np.exp(log_ratio[0, 3:].mean()) * batch.inputs["advantages"]
+    np.testing.assert_allclose(loss, expected, rtol=1e-12)
+    np.testing.assert_allclose(grad, expected, rtol=1e-12)
 
 
 def padded_batch(loss_fn: str, filler: float | None, dtype: type) -> Batch:
@@ -187,8 +251,8 @@ def test_cispo_gradient_stops_at_the_ratio() -> None:
 
 
 def test_token_loss_rejects_unsupported_loss() -> None:
-    with pytest.raises(InputError, match="gspo"):
-        token_loss("gspo", jnp.zeros((1, 1, 1)), {}, jnp.ones((1, 1, 1), bool), {})
+    with pytest.raises(InputError, match="stable_reinforce"):
+        token_loss("stable_reinforce", jnp.zeros((1, 1, 1)), {}, jnp.ones((1, 1, 1), bool), {})
 
 
 # --- check_loss_request ---------------------------------------------------------------------------
@@ -201,6 +265,10 @@ def rl(n: int = 4, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         "advantages": np.ones(n, np.float32),
     }
     return {**datum, **inputs}
+
+
+def gspo(n: int = 4, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+    return rl(n, **{"sequence_ratio_mask": np.ones(n, np.float32), **inputs})
 
 
 def ce(n: int = 4, k: int | None = None, **inputs: np.ndarray) -> dict[str, np.ndarray]:
@@ -224,6 +292,9 @@ def without(datum: dict[str, np.ndarray], key: str) -> dict[str, np.ndarray]:
         ("cispo", {}, [rl(clip_low_threshold=np.full(4, 0.5), clip_high_threshold=np.full(4, 0.6))],
          DEFAULTS["cispo"]),
         ("dro", {"beta": 0.05}, [rl(), rl(n=2)], {"beta": 0.05}),
+        ("gspo", {}, [gspo(), gspo(n=2, sequence_ratio_mask=np.zeros(2))], DEFAULTS["gspo"]),
+        ("gspo", {"clip_low_threshold": 0.5}, [gspo(clip_high_threshold=np.full(4, 3.0))],
+         {"clip_low_threshold": 0.5, "clip_high_threshold": 1.2}),
     ],
 )
 def test_valid_requests_resolve_config(
@@ -237,8 +308,14 @@ def test_valid_requests_resolve_config(
 BAD_REQUESTS = [
     # (loss_fn, config, inputs, token_counts, substrings the message must contain)
     ("mse", {}, [ce()], [4], ["'mse'", "unknown", "cross_entropy", "dro"]),
-    ("gspo", {}, [rl()], [4], ["'gspo'", "not supported", "ppo"]),
-    ("stable_reinforce", {}, [rl()], [4], ["'stable_reinforce'", "not supported"]),
+    ("stable_reinforce", {}, [rl()], [4], ["'stable_reinforce'", "not supported", *LOSSES]),
+    ("gspo", {}, [gspo(), rl()], [4, 4], ["datum 1", "'sequence_ratio_mask'", "missing"]),
+    ("gspo", {}, [gspo(sequence_ratio_mask=np.ones(3))], [4], ["datum 0", "'sequence_ratio_mask'", "(3,)"]),
+    ("gspo", {}, [gspo(sequence_ratio_mask=np.ones((4, 1)))], [4], ["'sequence_ratio_mask'", "(4, 1)"]),
+    ("gspo", {}, [gspo(sequence_ratio_mask=np.full(4, 0.5))], [4], ["'sequence_ratio_mask'", "only 0 and 1"]),
+    ("gspo", {}, [gspo(sequence_ratio_mask=np.array([1, np.nan, 1, 1]))], [4], ["'sequence_ratio_mask'", "non-finite"]),
+    ("gspo", {"beta": 0.1}, [gspo()], [4], ["'beta'", "clip_low_threshold"]),
+    ("gspo", {"clip_low_threshold": 2.0}, [gspo()], [4], ["'clip_low_threshold' must be <="]),
     ("custom", {"loss_id": "x"}, [rl()], [4], ["'custom'", "not supported"]),
     ("cross_entropy", {"beta": 0.1}, [ce()], [4], ["'beta'", "none"]),
     ("ppo", {"clip": 0.2}, [rl()], [4], ["'clip'", "clip_low_threshold"]),
