@@ -53,7 +53,13 @@ class EngineAPI(Protocol):
     def adapter_config(self, slot: int) -> LoraConfig: ...
 
     def check_sample(
-        self, prompt: np.ndarray, num_samples: int, params: SamplingParams, *, topk_prompt_logprobs: int = 0
+        self,
+        prompt: np.ndarray,
+        num_samples: int,
+        params: SamplingParams,
+        *,
+        topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
     ) -> None: ...
 
     # Sampling is continuous batching driven by the worker thread: requests are submitted, then
@@ -70,6 +76,7 @@ class EngineAPI(Protocol):
         prompt_logprobs: bool,
         topk_prompt_logprobs: int,
         on_done: Callable[[SampleResult | None, BaseException | None], None],
+        topk_sample_logprobs: int = 0,
     ) -> None:
         """Queue a request; `on_done(result, error)` is called from a later `step_sampling`."""
         ...

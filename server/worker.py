@@ -72,6 +72,7 @@ class SampleItem(Generic[T]):
     topk_prompt_logprobs: int
     finish: Callable[[SampleResult], T]
     """Turns the engine's result into the reply (e.g. protobuf); runs on the worker thread."""
+    topk_sample_logprobs: int = 0
 
 
 @dataclass
@@ -235,6 +236,7 @@ class EngineWorker:
                 prompt_logprobs=item.prompt_logprobs,
                 topk_prompt_logprobs=item.topk_prompt_logprobs,
                 on_done=done,
+                topk_sample_logprobs=item.topk_sample_logprobs,
             )
         except Exception as exc:
             _resolve(job, None, exc)

@@ -57,6 +57,9 @@ logger = logging.getLogger(__name__)
 
 OnDone = Callable[[SampleResult | None, BaseException | None], None]
 
+HostTop = tuple[np.ndarray, np.ndarray]
+"""A row's top alternatives on the host: token ids and logprobs, [positions, k] each."""
+
 
 Resolve = Callable[[int, set[int]], tuple[int, np.ndarray] | None]
 """(adapter, adapters to keep resident) -> (device slot, its LoRA scales [3]), or None while no
@@ -77,12 +80,15 @@ class SampleJob:
     topk_prompt_logprobs: int
     on_done: OnDone
     """Called once, with the result or the error that ended the request."""
+    topk_sample_logprobs: int = 0
+    """The most likely tokens to report at every sampled position (0: none)."""
 
 
 @dataclass
 class _Sequence:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    topk: list[list[tuple[int, float]]] = field(default_factory=list)
     stop_reason: str | None = None
     clean: int = 0
     """Length of the prefix known to contain no stop string."""
@@ -424,7 +430,7 @@ class DecodeScheduler:
             self._pool, out = sampler.prefill(
                 self._graphdef, base, lora, pool, chunk,
                 score_prompt=bool(scored),
-                topk_prompt=min(batch_bucket(topk), self._config.vocab_size) if topk else 0,
+                topk_prompt=self._topk_width(topk),
                 tile_blocks=self._tile(int((start + length).max()), u), mesh=self._mesh,
             )  # fmt: skip
         except Exception as exc:
@@ -505,12 +511,13 @@ class DecodeScheduler:
         u = batch_bucket(len(logits))
         stacked = jnp.stack([*logits, *[logits[0]] * (u - len(logits))])
         entries = sampler.RowStart(rows=rows, **fields)
+        topk = self._topk_width(max(g.request.job.topk_sample_logprobs for g in groups))
         try:
             self._ensure_state()
-            self._pool, self._state, tokens, logprobs, done = sampler.start(
-                self._require_pool(), self._state, stacked, entries, mesh=self._mesh
+            self._pool, self._state, tokens, logprobs, done, top = sampler.start(
+                self._require_pool(), self._state, stacked, entries, topk_sample=topk, mesh=self._mesh
             )
-            tokens, logprobs, done = jax.device_get((tokens, logprobs, done))
+            tokens, logprobs, done, top = jax.device_get((tokens, logprobs, done, top))
         except Exception as exc:
             raise _StateLost(str(exc)) from exc
         for group in groups:
@@ -521,7 +528,8 @@ class DecodeScheduler:
                 self._decoding[row] = True
                 self._finish[row] = False
                 if group.prefill is None or group.prefill.resume is None:
-                    self._extend(row, [int(tokens[e])], [float(logprobs[e])], bool(done[e]))
+                    first = None if top is None else (top.ids[e : e + 1], top.logprobs[e : e + 1])
+                    self._extend(row, [int(tokens[e])], [float(logprobs[e])], first, bool(done[e]))
                 e += 1
 
     def _row_layout(self, group: _StartGroup, k: int, fields: dict[str, np.ndarray], e: int) -> tuple[list[int], int]:
@@ -556,21 +564,24 @@ class DecodeScheduler:
             return
         base, lora = self._params()
         rows = self._live_rows(live[-1])
+        asked = [owner[0].job.topk_sample_logprobs for r in live if (owner := self._owner[r]) is not None]
+        topk = self._topk_width(max(asked, default=0))
         try:
-            self._pool, self._state, tokens, logprobs = sampler.decode(
+            self._pool, self._state, tokens, logprobs, top = sampler.decode(
                 self._graphdef, base, lora, self._require_pool(), self._require_state(), self._tables, self._finish,
                 steps=self.chunk, live_rows=rows,
                 tile_blocks=self._tile(max(min(self._position[r] + self.chunk, self._limit[r]) for r in live), rows),
-                mesh=self._mesh,
+                topk_sample=topk, mesh=self._mesh,
             )  # fmt: skip
-            tokens, logprobs, done = jax.device_get((tokens, logprobs, self._state.done))
+            tokens, logprobs, top, done = jax.device_get((tokens, logprobs, top, self._state.done))
         except Exception as exc:
             raise _StateLost(str(exc)) from exc
         self._finish[:] = False
         for row in live:
             n = int((tokens[row] >= 0).sum())
             self._position[row] += n
-            self._extend(row, tokens[row, :n].tolist(), logprobs[row, :n].tolist(), bool(done[row]))
+            alternatives = None if top is None else (top.ids[row, :n], top.logprobs[row, :n])
+            self._extend(row, tokens[row, :n].tolist(), logprobs[row, :n].tolist(), alternatives, bool(done[row]))
 
     def _grow(self) -> None:
         """Gives every running row the blocks its next chunk writes, oldest rows first; when the
@@ -625,27 +636,34 @@ class DecodeScheduler:
         self._decoding[row] = False
         self._finish[row] = True
 
-    def _extend(self, row: int, tokens: list[int], logprobs: list[float], done: bool) -> None:
+    def _extend(self, row: int, tokens: list[int], logprobs: list[float], top: HostTop | None, done: bool) -> None:
         """`_append`, failing the row's request alone if its host-side handling fails."""
         owner = self._owner[row]
         if owner is None:  # its request failed earlier in this pass
             return
         try:
-            self._append(row, owner, tokens, logprobs, done)
+            self._append(row, owner, tokens, logprobs, top, done)
         except Exception as exc:
             self._fail_request(owner[0], exc)
 
-    def _append(self, row: int, owner: tuple[_Request, int], tokens: list[int], logprobs: list[float], done: bool) -> None:
-        """Appends a row's new tokens; ends the row if the device finished it or a stop string
-        appeared, and completes its request once all of that request's rows have ended."""
+    def _append(
+        self, row: int, owner: tuple[_Request, int], tokens: list[int], logprobs: list[float], top: HostTop | None, done: bool
+    ) -> None:
+        """Appends a row's new tokens (and the top alternatives its request asked for); ends the
+        row if the device finished it or a stop string appeared, and completes its request once
+        all of that request's rows have ended."""
         request, index = owner
         seq = request.sequences[index]
         seq.tokens.extend(tokens)
         seq.logprobs.extend(logprobs)
+        k = request.job.topk_sample_logprobs
+        if k and top is not None:
+            ids, values = top
+            seq.topk.extend(list(zip(i[:k].tolist(), v[:k].tolist(), strict=True)) for i, v in zip(ids, values, strict=True))
         params = request.job.params
         end = self._stop_string_end(seq, params.stop_strings) if params.stop_strings else None
         if end is not None:
-            del seq.tokens[end:], seq.logprobs[end:]
+            del seq.tokens[end:], seq.logprobs[end:], seq.topk[end:]
             seq.stop_reason = "stop"
         elif done:
             seq.stop_reason = "stop" if seq.tokens[-1] in params.stop_token_ids else "length"
@@ -666,6 +684,11 @@ class DecodeScheduler:
             if any(stop in self._decode_text(seq.tokens[:end]) for stop in stops):
                 return end
         return len(seq.tokens)
+
+    def _topk_width(self, k: int) -> int:
+        """The static top-k a compiled call computes for requests asking up to k: a power of two
+        (so few programs), at most the vocabulary; 0 when none asks."""
+        return min(batch_bucket(k), self._config.vocab_size) if k else 0
 
     def _tile(self, span: int, rows: int) -> int:
         return tile_blocks(span, rows, self._config.num_kv_heads, self._config.head_dim)
@@ -708,7 +731,12 @@ class DecodeScheduler:
     def _complete(self, request: _Request) -> None:
         result = SampleResult(
             sequences=[
-                SampledSequence(tokens=s.tokens, logprobs=s.logprobs, stop_reason=s.stop_reason)  # type: ignore[arg-type]
+                SampledSequence(
+                    tokens=s.tokens,
+                    logprobs=s.logprobs,
+                    stop_reason=s.stop_reason,  # type: ignore[arg-type]
+                    topk_logprobs=s.topk if request.job.topk_sample_logprobs else None,
+                )
                 for s in request.sequences
             ],
             prompt_logprobs=request.prompt_logprobs,

@@ -494,7 +494,13 @@ class Engine:
             raise InputError(f"{where} has token id {bad}, outside the vocabulary [0, {self.vocab_size})")
 
     def check_sample(
-        self, prompt: np.ndarray, num_samples: int, params: SamplingParams, *, topk_prompt_logprobs: int = 0
+        self,
+        prompt: np.ndarray,
+        num_samples: int,
+        params: SamplingParams,
+        *,
+        topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
     ) -> None:
         """Every field's range, named as the SDK names it, so a bad request is a 400 here and
         never reaches the decode rows other tenants share."""
@@ -529,8 +535,9 @@ class Engine:
             raise InputError(
                 f"sampling_params.stop: at most {MAX_STOP_STRINGS} stop strings of 1 to {MAX_STOP_STRING_CHARS} characters"
             )
-        if not 0 <= topk_prompt_logprobs <= self.vocab_size:
-            raise InputError(f"topk_prompt_logprobs must be between 0 and the vocabulary size {self.vocab_size}")
+        for name, k in (("topk_prompt_logprobs", topk_prompt_logprobs), ("topk_sample_logprobs", topk_sample_logprobs)):
+            if not 0 <= k <= self.vocab_size:
+                raise InputError(f"{name} must be between 0 and the vocabulary size {self.vocab_size}, got {k}")
 
     def submit_sample(
         self,
@@ -542,10 +549,13 @@ class Engine:
         prompt_logprobs: bool,
         topk_prompt_logprobs: int,
         on_done: Callable[[SampleResult | None, BaseException | None], None],
+        topk_sample_logprobs: int = 0,
     ) -> None:
         """Queues a request for the decode rows; `on_done(result, error)` runs (on this thread, in a
         later `step_sampling`) once all its samples have finished."""
-        self.check_sample(prompt, num_samples, params, topk_prompt_logprobs=topk_prompt_logprobs)
+        self.check_sample(
+            prompt, num_samples, params, topk_prompt_logprobs=topk_prompt_logprobs, topk_sample_logprobs=topk_sample_logprobs
+        )
         if adapter in self._release_when_idle:
             raise InputError(f"adapter {adapter} is being released")
         if adapter != 0 and adapter not in self._slot_of and adapter not in self._parked:
@@ -554,7 +564,9 @@ class Engine:
         request = next(self._requests)
         self._sample_callbacks[request] = on_done
         try:
-            self._queue_sample(request, adapter, prompt, num_samples, params, seed, prompt_logprobs, topk_prompt_logprobs)
+            self._queue_sample(
+                request, adapter, prompt, num_samples, params, seed, prompt_logprobs, topk_prompt_logprobs, topk_sample_logprobs
+            )
         except BaseException:
             del self._sample_callbacks[request]
             raise
@@ -570,6 +582,7 @@ class Engine:
         seed: int,
         prompt_logprobs: bool,
         topk_prompt_logprobs: int,
+        topk_sample_logprobs: int,
     ) -> None:
         """The part every process runs; only process 0 holds the request's callback."""
 
@@ -588,6 +601,7 @@ class Engine:
                 prompt_logprobs=prompt_logprobs,
                 topk_prompt_logprobs=topk_prompt_logprobs,
                 on_done=on_done,
+                topk_sample_logprobs=topk_sample_logprobs,
             )
         )
 
@@ -629,6 +643,7 @@ class Engine:
         *,
         prompt_logprobs: bool,
         topk_prompt_logprobs: int,
+        topk_sample_logprobs: int = 0,
     ) -> SampleResult:
         """Blocking: submits the request and drives the scheduler (and whatever else is queued)
         until it completes."""
@@ -645,6 +660,7 @@ class Engine:
             prompt_logprobs=prompt_logprobs,
             topk_prompt_logprobs=topk_prompt_logprobs,
             on_done=done,
+            topk_sample_logprobs=topk_sample_logprobs,
         )
         while not outcome:
             self.step_sampling()

@@ -121,6 +121,17 @@ class RowStart:
 jax.tree_util.register_dataclass(RowStart)
 
 
+@dataclass(frozen=True)
+class TopLogprobs:
+    """The k most likely tokens at each sampled position ([..., k]) and their logprobs."""
+
+    ids: jax.Array
+    logprobs: jax.Array
+
+
+jax.tree_util.register_dataclass(TopLogprobs)
+
+
 def init_state(rows: int) -> DecodeState:
     """R free rows (all done)."""
 
@@ -185,6 +196,13 @@ def draw(
     token = jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, logits)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
     return token, logprob
+
+
+def top_logprobs(logits: jax.Array, k: int) -> TopLogprobs:
+    """The k most likely tokens of each row of [B, V] fp32 logits, under the unscaled
+    distribution `draw` reports the sampled token's logprob in."""
+    values, ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
+    return TopLogprobs(ids, values)
 
 
 def _hits_stop(token: jax.Array, stop_ids: jax.Array) -> jax.Array:
@@ -256,17 +274,20 @@ def prefill(
     return view.pool, ChunkScores(model.logits(last, adapters)[:, 0], *scores)
 
 
-@partial(jax.jit, static_argnames=("mesh",), donate_argnames=("pool", "state"))
+@partial(jax.jit, static_argnames=("topk_sample", "mesh"), donate_argnames=("pool", "state"))
 def start(
-    pool: KVPool, state: DecodeState, logits: jax.Array, entries: RowStart, mesh: Mesh | None = None
-) -> tuple[KVPool, DecodeState, jax.Array, jax.Array, jax.Array]:
+    pool: KVPool, state: DecodeState, logits: jax.Array, entries: RowStart, topk_sample: int = 0, mesh: Mesh | None = None
+) -> tuple[KVPool, DecodeState, jax.Array, jax.Array, jax.Array, TopLogprobs | None]:
     """Moves entries into their decode rows: copies their partial prompt blocks and draws each new
     entry's first token from its prompt's logits [U, V]. Returns the pool, the rows, and each
-    entry's first token, its logprob and whether that already ended it."""
+    entry's first token, its logprob, whether that already ended it, and (`topk_sample` > 0)
+    the top alternatives there."""
     pool = copy_blocks(pool, entries.copy_src, entries.copy_dst, mesh)
     keys = _row_keys(entries.seeds, entries.sample_index)
     zeros = jnp.zeros_like(entries.sample_index)
-    drawn, drawn_logprob = draw(logits[entries.source], keys, zeros, entries.temperature, entries.top_k, entries.top_p)
+    source = logits[entries.source]
+    drawn, drawn_logprob = draw(source, keys, zeros, entries.temperature, entries.top_k, entries.top_p)
+    top = top_logprobs(source, topk_sample) if topk_sample else None
     resumed = entries.resume_token >= 0
     token = jnp.where(resumed, entries.resume_token, drawn)
     logprob = jnp.where(resumed, 0.0, drawn_logprob)
@@ -289,7 +310,7 @@ def start(
         stop_ids=put(state.stop_ids, entries.stop_ids),
         done=put(state.done, done),
     )
-    return pool, state, token, logprob, done
+    return pool, state, token, logprob, done, top
 
 
 def decode_form(rows: int, slots: int) -> LoraForm:
@@ -306,17 +327,18 @@ def _decode_rows(
     steps: int,
     form: LoraForm,
     tile: int,
+    topk: int,
     mesh: Mesh | None,
-) -> tuple[KVPool, DecodeState, jax.Array, jax.Array]:
+) -> tuple[KVPool, DecodeState, jax.Array, jax.Array, TopLogprobs | None]:
     adapters = AdapterBatch(state.slots, state.scales, form=form)
     rows = state.token.shape[0]
 
     def cond(carry):
-        i, _, _, _, _, done, _, _ = carry
+        i, _, _, _, _, done, _, _, _ = carry
         return (i < steps) & ~jnp.all(done)
 
     def body(carry):
-        i, pool, token, position, generated, done, out_tokens, out_logprobs = carry
+        i, pool, token, position, generated, done, out_tokens, out_logprobs, out_top = carry
         view = PagedView(pool, tables, ~done[:, None], tile, mesh)
         hidden, view = model(token[:, None], position[:, None], adapters, view, mesh=mesh)
         logits = model.logits(hidden, adapters)[:, 0]
@@ -324,9 +346,13 @@ def _decode_rows(
         live = ~done
         out_tokens = out_tokens.at[:, i].set(jnp.where(live, new, -1))
         out_logprobs = out_logprobs.at[:, i].set(jnp.where(live, logprob, 0.0))
+        if out_top is not None:
+            top = top_logprobs(logits, topk)
+            out_top = TopLogprobs(out_top.ids.at[:, i].set(top.ids), out_top.logprobs.at[:, i].set(top.logprobs))
         generated = generated + live
         done = done | (live & (_hits_stop(new, state.stop_ids) | (generated >= state.max_tokens)))
-        return i + 1, view.pool, jnp.where(live, new, token), position + live, generated, done, out_tokens, out_logprobs
+        position = position + live
+        return i + 1, view.pool, jnp.where(live, new, token), position, generated, done, out_tokens, out_logprobs, out_top
 
     init = (
         jnp.int32(0),
@@ -337,13 +363,18 @@ def _decode_rows(
         state.done,
         jnp.full((rows, steps), -1, jnp.int32),
         jnp.zeros((rows, steps), jnp.float32),
+        TopLogprobs(jnp.zeros((rows, steps, topk), jnp.int32), jnp.zeros((rows, steps, topk), jnp.float32)) if topk else None,
     )
-    _, pool, token, position, generated, done, out_tokens, out_logprobs = jax.lax.while_loop(cond, body, init)
+    _, pool, token, position, generated, done, out_tokens, out_logprobs, out_top = jax.lax.while_loop(cond, body, init)
     new_state = replace(state, token=token, position=position, generated=generated, done=done)
-    return pool, new_state, out_tokens, out_logprobs
+    return pool, new_state, out_tokens, out_logprobs, out_top
 
 
-@partial(jax.jit, static_argnames=("graphdef", "steps", "live_rows", "tile_blocks", "mesh"), donate_argnames=("pool", "state"))
+@partial(
+    jax.jit,
+    static_argnames=("graphdef", "steps", "live_rows", "tile_blocks", "topk_sample", "mesh"),
+    donate_argnames=("pool", "state"),
+)
 def decode(
     graphdef: nnx.GraphDef,
     base: nnx.State,
@@ -355,21 +386,24 @@ def decode(
     steps: int,
     live_rows: int,
     tile_blocks: int,
+    topk_sample: int = 0,
     mesh: Mesh | None = None,
-) -> tuple[KVPool, DecodeState, jax.Array, jax.Array]:
+) -> tuple[KVPool, DecodeState, jax.Array, jax.Array, TopLogprobs | None]:
     """Up to `steps` tokens for every live row (fewer once all are done), after ending the rows
     in `finish`; `tables` [R, M] are the rows' blocks, which must cover every position a live
     row feeds in this call, and attention reads them `tile_blocks` at a time. Only the first
     `live_rows` rows are computed (every later row must be done), so a lightly used batch costs
     what its live rows cost. Returns the pool, the new state and [live_rows, steps] tokens and
-    logprobs, -1 / 0 where a row was done."""
+    logprobs, -1 / 0 where a row was done, and with `topk_sample` > 0 the top alternatives at
+    each of those positions ([live_rows, steps, topk_sample]; meaningless where a row was done)."""
     model = nnx.merge(graphdef, base, lora)
     state = replace(state, done=state.done | finish)
     form = decode_form(live_rows, jax.tree.leaves(lora)[0].shape[0])
     if live_rows == state.token.shape[0]:
-        return _decode_rows(model, pool, state, tables, steps, form, tile_blocks, mesh)
+        return _decode_rows(model, pool, state, tables, steps, form, tile_blocks, topk_sample, mesh)
     head = jax.tree.map(lambda x: x[:live_rows], state)
-    pool, head, out_tokens, out_logprobs = _decode_rows(
-        model, pool, head, tables[:live_rows], steps, form, tile_blocks, mesh
+    pool, head, out_tokens, out_logprobs, out_top = _decode_rows(
+        model, pool, head, tables[:live_rows], steps, form, tile_blocks, topk_sample, mesh
     )
-    return pool, jax.tree.map(lambda x, h: x.at[:live_rows].set(h), state, head), out_tokens, out_logprobs
+    state = jax.tree.map(lambda x, h: x.at[:live_rows].set(h), state, head)
+    return pool, state, out_tokens, out_logprobs, out_top

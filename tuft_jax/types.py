@@ -62,9 +62,12 @@ class SamplingParams:
 
 @dataclass
 class SampledSequence:
+    """`topk_logprobs` holds, when requested, the k most likely (token, logprob) at each token."""
+
     tokens: list[int]
     logprobs: list[float]
     stop_reason: Literal["stop", "length"]
+    topk_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass

@@ -89,7 +89,13 @@ async def asample(request: Request) -> Response:
     prompt = prompt_tokens(body.prompt)
     params = sampling_params(body.sampling_params, engine.eos_token_id)
     last_n = _check_sample_options(body, prompt.size)
-    engine.check_sample(prompt, body.num_samples, params, topk_prompt_logprobs=body.topk_prompt_logprobs)
+    engine.check_sample(
+        prompt,
+        body.num_samples,
+        params,
+        topk_prompt_logprobs=body.topk_prompt_logprobs,
+        topk_sample_logprobs=body.topk_sample_logprobs,
+    )
     item = SampleItem(
         slot=sampler.require_slot(),
         prompt=prompt,
@@ -98,6 +104,7 @@ async def asample(request: Request) -> Response:
         prompt_logprobs=bool(body.prompt_logprobs),
         topk_prompt_logprobs=body.topk_prompt_logprobs,
         finish=lambda result: encode_sample_response(_keep_last_prompt_positions(result, last_n)),
+        topk_sample_logprobs=body.topk_sample_logprobs,
     )
     outcome = service.workers[sampler.base_model].sample(item)  # 429 (CapacityError) when the queue is full
     request_id = service.futures.create()
@@ -157,14 +164,13 @@ def sampling_params(body: SamplingParamsBody, eos_token_id: int) -> SamplingPara
 
 def _check_sample_options(body: SampleRequest, prompt_length: int) -> int | None:
     """Refuse what the engine cannot do; returns `prompt_logprobs_last_n` once validated."""
-    if body.topk_sample_logprobs:
-        raise InputError("topk_sample_logprobs is not supported by this server")
     if body.prompt_alt_tokens_k:
         raise InputError("prompt_alt_tokens_k is not supported by this server")
     if body.target_prompt_logprobs is not None:
         raise InputError("target_prompt_logprobs is not supported by this server")
-    if body.topk_prompt_logprobs < 0:
-        raise InputError(f"topk_prompt_logprobs must be >= 0, got {body.topk_prompt_logprobs}")
+    for name, k in (("topk_prompt_logprobs", body.topk_prompt_logprobs), ("topk_sample_logprobs", body.topk_sample_logprobs)):
+        if k < 0:
+            raise InputError(f"{name} must be >= 0, got {k}")
     last_n = body.prompt_logprobs_last_n
     if last_n is not None:
         if not body.prompt_logprobs:

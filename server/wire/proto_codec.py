@@ -335,6 +335,8 @@ def encode_sample_response(result: SampleResult) -> bytes:
         seq = msg.sequences.add(stop_reason=stop_reason, tokens=_le_bytes(sequence.tokens, "<i4"))
         if sequence.logprobs:
             seq.logprobs = _le_bytes(sequence.logprobs, "<f4")
+        if sequence.topk_logprobs is not None:
+            seq.topk_sampled_logprobs.CopyFrom(_topk(sequence.topk_logprobs))
     if result.prompt_logprobs is not None:
         msg.prompt_logprobs = _le_bytes(result.prompt_logprobs, "<f4")
     if result.topk_prompt_logprobs is not None:

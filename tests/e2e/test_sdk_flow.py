@@ -92,6 +92,30 @@ def test_compute_logprobs_match_forward(service: tinker.ServiceClient, training:
     np.testing.assert_allclose(np.array(prompt_logprobs[1:], dtype=np.float32), expected, atol=1e-4)
 
 
+def test_topk_sample_logprobs(service: tinker.ServiceClient, tokenizer) -> None:
+    """`sample(..., topk_sample_logprobs=3)` gives every sampled token its 3 most likely tokens:
+    those the prompt scores of the whole sequence rank at the same positions; k past the
+    vocabulary is a 400 naming the field."""
+    sampler = service.create_sampling_client(base_model=BASE_MODEL).result()
+    prompt = tokenizer.encode(TEXT)[:6]
+    params = types.SamplingParams(max_tokens=6, temperature=0.8, seed=3, stop=[])
+    response = sampler.sample(types.ModelInput.from_ints(prompt), 2, params, topk_sample_logprobs=3).result()
+    for sequence in response.sequences:
+        assert sequence.topk_logprobs_np.token_ids.shape == (len(sequence.tokens), 3)
+        full = types.ModelInput.from_ints(prompt + sequence.tokens)
+        scored = sampler.sample(
+            full, 1, types.SamplingParams(max_tokens=1), include_prompt_logprobs=True, topk_prompt_logprobs=3
+        ).result()
+        expected = scored.topk_prompt_logprobs[len(prompt) :]
+        for ours, reference, logprob in zip(sequence.topk_logprobs, expected, sequence.logprobs, strict=True):
+            assert [t for t, _ in ours] == [t for t, _ in reference]
+            np.testing.assert_allclose([v for _, v in ours], [v for _, v in reference], atol=1e-4)
+            assert ours[0][1] >= logprob - 1e-5
+    with pytest.raises(tinker.BadRequestError) as info:
+        sampler.sample(types.ModelInput.from_ints(prompt), 1, params, topk_sample_logprobs=10**6).result()
+    assert "topk_sample_logprobs" in str(info.value)
+
+
 def _metric(text: str, name: str) -> float:
     (line,) = [line for line in text.splitlines() if line.startswith(name)]
     return float(line.rsplit(" ", 1)[1])

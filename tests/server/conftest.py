@@ -160,7 +160,13 @@ class FakeEngine:
         return self._adapter(slot)["lora"]
 
     def check_sample(
-        self, prompt: np.ndarray, num_samples: int, params: SamplingParams, *, topk_prompt_logprobs: int = 0
+        self,
+        prompt: np.ndarray,
+        num_samples: int,
+        params: SamplingParams,
+        *,
+        topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
     ) -> None:
         if prompt.max() >= VOCAB:
             raise InputError("prompt token id out of range")
@@ -178,8 +184,10 @@ class FakeEngine:
         *,
         prompt_logprobs: bool,
         topk_prompt_logprobs: int,
+        topk_sample_logprobs: int = 0,
     ) -> SampleResult:
-        """Counts up from the last prompt token (mod VOCAB), stopping at a stop token."""
+        """Counts up from the last prompt token (mod VOCAB), stopping at a stop token; each
+        token's top alternatives are itself and the tokens after it."""
         self._wait()
         if slot != 0:
             self._adapter(slot)
@@ -194,7 +202,15 @@ class FakeEngine:
                 if token in params.stop_token_ids:
                     stop_reason = "stop"
                     break
-            sequences.append(SampledSequence(tokens=tokens, logprobs=[-0.5] * len(tokens), stop_reason=stop_reason))
+            top = [[((t + i) % VOCAB, -0.5 - i) for i in range(topk_sample_logprobs)] for t in tokens]
+            sequences.append(
+                SampledSequence(
+                    tokens=tokens,
+                    logprobs=[-0.5] * len(tokens),
+                    stop_reason=stop_reason,
+                    topk_logprobs=top if topk_sample_logprobs else None,
+                )
+            )
         result = SampleResult(sequences=sequences)
         if prompt_logprobs:
             result.prompt_logprobs = [float("nan")] + [-1.0] * (prompt.size - 1)
@@ -212,11 +228,13 @@ class FakeEngine:
         prompt_logprobs: bool,
         topk_prompt_logprobs: int,
         on_done: Callable[[SampleResult | None, BaseException | None], None],
+        topk_sample_logprobs: int = 0,
     ) -> None:
         """Queued; each `step_sampling` completes the oldest request with `sample`."""
         run = lambda: self.sample(  # noqa: E731
-            slot, prompt, num_samples, params, prompt_logprobs=prompt_logprobs, topk_prompt_logprobs=topk_prompt_logprobs
-        )
+            slot, prompt, num_samples, params, prompt_logprobs=prompt_logprobs, topk_prompt_logprobs=topk_prompt_logprobs,
+            topk_sample_logprobs=topk_sample_logprobs,
+        )  # fmt: skip
         self.sample_queue.append((run, num_samples, on_done))
 
     def step_sampling(self) -> None:

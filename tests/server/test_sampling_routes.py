@@ -50,6 +50,19 @@ def test_sample_from_base_model(api) -> None:
     assert response.prompt_logprobs is None
 
 
+def test_topk_sample_logprobs_reach_the_sdk_decoder(api) -> None:
+    """Each sampled token's alternatives arrive as the SDK's (num_tokens, k) TopkLogprobs; a
+    request that does not ask gets None."""
+    sampler_id = base_sampler(api)
+    future = api.post("asample", sample_body(sampler_id, 0, topk_sample_logprobs=2))
+    asked = deserialize_sample_response(api.result(future["request_id"]))
+    for sequence in asked.sequences:
+        assert sequence.topk_logprobs == [[(t, -0.5), (t + 1, -1.5)] for t in [8, 9, 10]]
+        assert sequence.topk_logprobs_np.token_ids.shape == (3, 2)
+    plain = deserialize_sample_response(api.result(api.post("asample", sample_body(sampler_id, 1))["request_id"]))
+    assert all(sequence.topk_logprobs is None for sequence in plain.sequences)
+
+
 def test_sample_retry_returns_the_same_future(api) -> None:
     sampler_id = base_sampler(api)
     first = api.post("asample", sample_body(sampler_id, 7))
@@ -72,7 +85,8 @@ def test_stop_tokens_and_prompt_logprobs_last_n(api) -> None:
         ({"prompt": [99]}, "out of range"),
         ({"sampling": {"max_tokens": None}}, "max_tokens is required"),
         ({"sampling": {"stop": [1, "x"]}}, "not a mix"),
-        ({"topk_sample_logprobs": 2}, "not supported"),
+        ({"topk_sample_logprobs": -1}, "topk_sample_logprobs must be >= 0"),
+        ({"topk_prompt_logprobs": -1}, "topk_prompt_logprobs must be >= 0"),
         ({"prompt_alt_tokens_k": 1}, "not supported"),
         ({"prompt_logprobs_last_n": 1}, "requires prompt_logprobs"),
         ({"prompt_logprobs": True, "prompt_logprobs_last_n": 3}, "between 1 and 2"),

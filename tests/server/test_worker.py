@@ -144,7 +144,9 @@ class ChunkedFakeEngine:
     def job(self, name: str):
         return lambda engine: engine._record(name)
 
-    def submit_sample(self, slot, prompt, num_samples, params, *, prompt_logprobs, topk_prompt_logprobs, on_done) -> None:
+    def submit_sample(
+        self, slot, prompt, num_samples, params, *, prompt_logprobs, topk_prompt_logprobs, on_done, topk_sample_logprobs=0
+    ) -> None:
         if slot != 0:
             raise InputError(f"no adapter in slot {slot}")
         self.running.append([f"s{len(self.log)}", params.max_tokens, on_done, num_samples])

@@ -9,7 +9,7 @@ already queue, share chunks, cross chunk boundaries and reuse rows.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
@@ -59,11 +59,13 @@ class Request:
     params: SamplingParams
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
 
     def run(self, engine: Engine) -> SampleResult:
         return engine.sample(
             self.slot, self.prompt, self.num_samples, self.params,
             prompt_logprobs=self.prompt_logprobs, topk_prompt_logprobs=self.topk_prompt_logprobs,
+            topk_sample_logprobs=self.topk_sample_logprobs,
         )  # fmt: skip
 
 
@@ -85,6 +87,7 @@ class Collector:
         self.engine.submit_sample(
             request.slot, request.prompt, request.num_samples, request.params,
             prompt_logprobs=request.prompt_logprobs, topk_prompt_logprobs=request.topk_prompt_logprobs, on_done=done,
+            topk_sample_logprobs=request.topk_sample_logprobs,
         )  # fmt: skip
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
@@ -100,6 +103,12 @@ def assert_same(actual: SampleResult, expected: SampleResult) -> None:
     ]
     for a, e in zip(actual.sequences, expected.sequences, strict=True):
         np.testing.assert_allclose(a.logprobs, e.logprobs, rtol=0, atol=1e-5)
+        assert (a.topk_logprobs is None) == (e.topk_logprobs is None)
+        if e.topk_logprobs is not None:
+            assert [[t for t, _ in p] for p in a.topk_logprobs] == [[t for t, _ in p] for p in e.topk_logprobs]
+            np.testing.assert_allclose(
+                [[v for _, v in p] for p in a.topk_logprobs], [[v for _, v in p] for p in e.topk_logprobs], rtol=0, atol=1e-5
+            )
     for name in ("prompt_logprobs", "topk_prompt_logprobs"):
         a, e = getattr(actual, name), getattr(expected, name)
         assert (a is None) == (e is None), name
@@ -114,14 +123,14 @@ def assert_same(actual: SampleResult, expected: SampleResult) -> None:
 def test_interleaved_requests_equal_each_alone(setup: Setup) -> None:
     a, b = setup.slots
     requests = [
-        Request(a, prompt(5, 1), 3, SamplingParams(max_tokens=10, temperature=1.0, seed=1)),
+        Request(a, prompt(5, 1), 3, SamplingParams(max_tokens=10, temperature=1.0, seed=1), topk_sample_logprobs=5),
         Request(b, prompt(20, 2), 1, SamplingParams(max_tokens=7, temperature=0.0)),
         Request(
             0, prompt(9, 3), 2, SamplingParams(max_tokens=13, temperature=0.8, top_k=20, top_p=0.8, seed=2**64 - 1)
         ),
         Request(a, prompt(3, 4), 1, SamplingParams(max_tokens=1, temperature=0.7, seed=5), True, 3),
         Request(b, prompt(200, 5), 2, SamplingParams(max_tokens=9, temperature=1.2, top_p=0.95, seed=6)),
-        Request(0, prompt(6, 6), 5, SamplingParams(max_tokens=6, temperature=1.0, seed=7), True, 0),
+        Request(0, prompt(6, 6), 5, SamplingParams(max_tokens=6, temperature=1.0, seed=7), True, 0, 1),
     ]
     alone = [r.run(setup.engine) for r in requests]
     together = Collector(setup.engine)
@@ -139,6 +148,10 @@ def test_interleaved_requests_equal_each_alone(setup: Setup) -> None:
     assert len({tuple(s.tokens) for s in alone[5].sequences}) == 5
     assert np.isnan(alone[3].prompt_logprobs[0]) and len(alone[3].prompt_logprobs) == 3
     assert alone[3].topk_prompt_logprobs[0] == [] and all(len(p) == 3 for p in alone[3].topk_prompt_logprobs[1:])
+    # Sampled-token alternatives: k per token for the requests that asked, none for the others.
+    for key, k in ((0, 5), (5, 1)):
+        assert all(len(s.topk_logprobs) == len(s.tokens) and {len(p) for p in s.topk_logprobs} == {k} for s in alone[key].sequences)
+    assert all(s.topk_logprobs is None for r in alone[1:5] for s in r.sequences)
 
 
 def test_finished_rows_are_refilled_at_once(setup: Setup) -> None:
@@ -197,11 +210,11 @@ def test_stop_strings_end_the_row_early(setup: Setup) -> None:
     end = next(n for n in range(1, 41) if stop in decode(tokens[:n]))
     collector = Collector(setup.engine)
     params = SamplingParams(max_tokens=40, temperature=0.0, stop_strings=("never-in-this-text", stop))
-    collector.submit(0, Request(slot, prompt(7, 20), 1, params))
+    collector.submit(0, Request(slot, prompt(7, 20), 1, params, topk_sample_logprobs=2))
     collector.run()
     (seq,) = collector.results[0].sequences
     assert (seq.tokens, seq.stop_reason) == (tokens[:end], "stop")
-    assert len(seq.logprobs) == end
+    assert len(seq.logprobs) == len(seq.topk_logprobs) == end
     assert collector.finished_at[0] <= end // CHUNK + 1  # freed within a chunk of the stop, not at max_tokens
     params = SamplingParams(max_tokens=40, temperature=0.0, stop_strings=("never-in-this-text",))
     (seq,) = Request(slot, prompt(7, 20), 1, params).run(setup.engine).sequences
@@ -350,13 +363,13 @@ def test_preempted_sequences_resume_with_the_same_tokens(setup: Setup) -> None:
     set_slot(small, adapter, setup.arrays)
     slot = setup.slots[0]
     requests = [
-        Request(slot, prompt(60, 80), 2, SamplingParams(max_tokens=70, temperature=1.0, seed=5)),
+        Request(slot, prompt(60, 80), 2, SamplingParams(max_tokens=70, temperature=1.0, seed=5), topk_sample_logprobs=2),
         Request(slot, prompt(45, 81), 2, SamplingParams(max_tokens=70, temperature=0.0)),
     ]
     expected = [r.run(setup.engine) for r in requests]
     collector = Collector(small)
     for key, request in enumerate(requests):
-        collector.submit(key, Request(adapter, request.prompt, request.num_samples, request.params))
+        collector.submit(key, replace(request, slot=adapter))
     collector.run()
     stats = small.kv_cache_stats()
     assert stats.preemptions > 0 and stats.used == 0

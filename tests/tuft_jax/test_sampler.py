@@ -152,6 +152,51 @@ def test_sampled_and_prompt_logprobs_equal_forward_logprobs(setup: Setup) -> Non
         assert topk[p][0][1] >= prompt_lp[p] - 1e-6
 
 
+@pytest.mark.parametrize("temperature", [0.7, 0.0])
+def test_topk_sample_logprobs_equal_the_forward_top_k(setup: Setup, temperature: float) -> None:
+    """At every sampled position (the first, drawn at the prompt's end, included) the top-3
+    alternatives are the PyTorch model's three most likely tokens with their unscaled logprobs,
+    like the sampled logprob itself; the sampled token is among them when it ranks that high."""
+    params = SamplingParams(max_tokens=10, temperature=temperature, seed=5)
+    result = setup.engine.sample(
+        setup.slot, PROMPT, 2, params, prompt_logprobs=False, topk_prompt_logprobs=0, topk_sample_logprobs=3
+    )
+    ranked = 0
+    for seq in result.sequences:
+        assert len(seq.topk_logprobs) == len(seq.tokens) == 10
+        full = np.concatenate([PROMPT, seq.tokens])
+        with torch.no_grad():
+            logits = setup.peft(input_ids=torch.as_tensor(full[:-1], dtype=torch.long)[None]).logits[0]
+        top_lp, top_ids = torch.log_softmax(logits, -1)[PROMPT.size - 1 :].topk(3, dim=-1)
+        for alternatives, token, logprob, ids, lps in zip(seq.topk_logprobs, seq.tokens, seq.logprobs, top_ids, top_lp, strict=True):
+            assert [t for t, _ in alternatives] == ids.tolist()
+            np.testing.assert_allclose([lp for _, lp in alternatives], lps.numpy(), rtol=0, atol=1e-4)
+            if logprob >= alternatives[-1][1] + 1e-4:
+                ranked += 1
+                assert (token, pytest.approx(logprob, abs=1e-5)) in alternatives
+    assert ranked > 0
+    if temperature == 0.0:
+        assert all(seq.tokens[i] == seq.topk_logprobs[i][0][0] for seq in result.sequences for i in range(10))
+
+
+def test_topk_sample_widths_share_a_program_and_change_no_token(setup: Setup) -> None:
+    """Widths of one power-of-two bucket (3, 4) run one compiled program, which draws the tokens
+    a request without alternatives draws."""
+
+    def run(k: int):
+        params = SamplingParams(max_tokens=6, temperature=1.0, seed=2)
+        return setup.engine.sample(
+            setup.slot, PROMPT, 1, params, prompt_logprobs=False, topk_prompt_logprobs=0, topk_sample_logprobs=k
+        ).sequences[0]
+
+    run(3), run(0)
+    with count_compiles() as compiled:
+        four, plain = run(4), run(0)
+    assert compiled == [], compiled
+    assert four.tokens == plain.tokens and plain.topk_logprobs is None
+    assert {len(p) for p in four.topk_logprobs} == {4}
+
+
 def test_same_seed_same_tokens_different_seed_different_tokens(setup: Setup) -> None:
     first, again, other = (_sample_with_prompt_scores(setup, seed) for seed in (11, 11, 12))
     for a, b in zip(first.sequences, again.sequences, strict=True):
