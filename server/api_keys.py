@@ -33,6 +33,7 @@ AUTH_MODES: tuple[AuthMode, ...] = ("auto", "required", "open")
 KEY_PREFIX = "tml-"
 _KEY = re.compile(r"tml-([0-9a-f]{12})-([0-9a-f]{64})")
 _MAX_NAME = 200
+ANONYMOUS_PREFIX = "anon-"
 
 
 def _hash(salt_hex: str, secret: str) -> str:
@@ -41,7 +42,7 @@ def _hash(salt_hex: str, secret: str) -> str:
 
 def anonymous_owner(key: str) -> str:
     """The owner of an unregistered key in open mode: stable per key, reveals nothing of it."""
-    return "anon-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return ANONYMOUS_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def create_api_key(store: Store, name: str, *, now: datetime | None = None) -> tuple[str, ApiKeyRecord]:

@@ -20,9 +20,10 @@ from server.errors import EXCEPTION_HANDLERS, UnexpectedErrorMiddleware
 from server.futures import FutureRegistry
 from server.http import LimitBodySize
 from server import metrics
-from server.routes import bootstrap, futures, rest, sampling, training
+from server.routes import api_key, bootstrap, copy_weights, futures, rest, sampling, sessions, training
 from server.sequencer import Sequencer
 from server.service import Service
+from server.session_trace import SessionTraces
 from server.sessions import Sessions, utc_now
 from server.store import Store
 from server.store_sql import open_store
@@ -50,15 +51,17 @@ def build_app(
     if store is None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         store = open_store(None, checkpoint_dir)
+    traces = SessionTraces()
     service = Service(
         engines=engines,
         checkpoint_dir=checkpoint_dir,
         options=options,
         store=store,
-        futures=FutureRegistry(ttl_s=options.future_ttl_s, journal=store),
+        futures=FutureRegistry(ttl_s=options.future_ttl_s, journal=store, traces=traces),
         sessions=Sessions(store, timeout_s=options.session_timeout_s),
         metrics=metrics.Metrics(),
         sequencer=Sequencer(options.seq_gap_timeout_s),
+        traces=traces,
     )
     keys = ApiKeyAuth(store, options.auth, cache_s=options.auth_cache_s)
 
@@ -81,7 +84,17 @@ def build_app(
                 await asyncio.to_thread(on_shutdown)
 
     app = Starlette(
-        routes=[*bootstrap.routes, *training.routes, *sampling.routes, *futures.routes, *rest.routes, *metrics.routes],
+        routes=[
+            *bootstrap.routes,
+            *training.routes,
+            *sampling.routes,
+            *futures.routes,
+            *sessions.routes,
+            *rest.routes,
+            *copy_weights.routes,
+            *api_key.routes,
+            *metrics.routes,
+        ],
         middleware=[
             Middleware(UnexpectedErrorMiddleware),
             Middleware(LimitBodySize, limit_for=_body_limits(options)),

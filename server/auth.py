@@ -15,15 +15,15 @@ Who the running code acts for lives in a context variable with three states:
 - `Caller.SYSTEM`, the default: code outside any request (background sweeps, recovery, the
   CLI, tests calling the service directly), which sees everything.
 
-One exempt route reads a checkpoint: a signed download link (`GET .../archive?expires=...&
-sig=...`, handed out by the archive route to older SDKs) carries its own HMAC authorization,
-checked by that route, so it works with a plain HTTP client.
+Signed download links (`GET` of a path in `server.signed_links.SIGNED_PATHS` with
+`?expires=...&sig=...`: checkpoint archives for older SDKs, session traces) carry their own
+HMAC authorization, checked by the route that serves them, so they work with a plain HTTP
+client.
 """
 
 from __future__ import annotations
 
 import enum
-import re
 from contextvars import ContextVar
 from urllib.parse import parse_qs
 
@@ -31,12 +31,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api_keys import ApiKeyAuth
 from server.errors import error_response
+from server.signed_links import SIGNED_PATHS
 
 _API_KEY_HEADER = b"x-api-key"
 _PUBLIC = frozenset({("GET", "/healthz"), ("GET", "/api/v1/healthz"), ("GET", "/metrics")})
 """(method, path) answered without a key: liveness probes and Prometheus scrapes. A HEAD
 counts as its GET, as the router treats it."""
-_SIGNED_DOWNLOAD = re.compile(r"/api/v1/training_runs/[^/]+/checkpoints/[^/]+/[^/]+/archive")
 
 
 class Caller(enum.Enum):
@@ -102,6 +102,6 @@ def _exempt(scope: Scope) -> bool:
 def _signed_download(scope: Scope) -> bool:
     return (
         scope["method"] == "GET"
-        and _SIGNED_DOWNLOAD.fullmatch(scope["path"]) is not None
+        and any(pattern.fullmatch(scope["path"]) for pattern in SIGNED_PATHS)
         and "sig" in parse_qs(scope.get("query_string", b"").decode("latin-1"))
     )

@@ -1,5 +1,5 @@
-"""Checkpoint directories on disk: atomic saves (Orbax + PEFT), deletion, expiry, crash
-recovery, and streaming a checkpoint as a tar.gz.
+"""Checkpoint directories on disk: atomic saves (Orbax + PEFT) and copies, deletion, expiry,
+crash recovery, and streaming a checkpoint as a tar.gz.
 
 A save is written into a hidden `.pending-*` directory next to its final place (the engine's
 Orbax checkpoint, plus for sampler weights a `peft/` adapter directory) and renamed into place
@@ -67,6 +67,30 @@ def save(
     finally:
         shutil.rmtree(pending, ignore_errors=True)
     return tree_size(directory)
+
+
+def link_copy(source: Path, directory: Path) -> int:
+    """Install a copy of the checkpoint `source` at `directory`, atomically like `save`; returns
+    its size. Its files are hard links to the source's (plain copies where the filesystem cannot
+    link), so no bytes are duplicated, and deleting either checkpoint keeps the other whole:
+    saves replace directories, never a file's contents."""
+    pending = directory.with_name(f"{_PENDING}{directory.name}-{uuid.uuid4().hex}")
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source, pending, copy_function=_link_or_copy)
+        _install(pending, directory)
+    except OSError as exc:
+        raise CheckpointWriteError(_write_failure(directory, exc)) from exc
+    finally:
+        shutil.rmtree(pending, ignore_errors=True)
+    return tree_size(directory)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _write_failure(directory: Path, exc: OSError) -> str:

@@ -9,6 +9,10 @@ database, with the body of JSON results and failures. After a restart a future t
 still pending reads as failed ("server restarted"), a JSON result is still served, and a
 protobuf result (memory only) reads as lost, so no client polls forever. A future is only
 visible to the owner that created it.
+
+Every training and sampling request passes through here, so with `traces` a future created
+for a session's request is also recorded in that session's trace (server.session_trace),
+from acceptance to its stored outcome.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import msgspec
 
 from server.auth import current_owner, visible_to_caller
 from server.errors import NotFound
+from server.session_trace import SessionTraces, TracedRequest
 from server.store import Store
 from server.wire.types import RequestFailedResponse
 from tuft_jax.errors import InputError
@@ -66,19 +71,24 @@ class FutureRegistry:
         ttl_s: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
         journal: Store | None = None,
+        traces: SessionTraces | None = None,
     ) -> None:
         self._entries: dict[str, _Entry] = {}
         self._ttl_s = ttl_s
         self._clock = clock
         self._journal = journal
+        self._traces = traces
 
-    def create(self, owner: str | None = None) -> str:
-        """A new pending request, owned by `owner` (default: the caller of this request)."""
+    def create(self, owner: str | None = None, *, traced: TracedRequest | None = None) -> str:
+        """A new pending request, owned by `owner` (default: the caller of this request), and
+        recorded in the trace of `traced.session_id` if given."""
         request_id = str(uuid.uuid4())
         owner = owner if owner is not None else current_owner() or ""
         self._entries[request_id] = _Entry(owner=owner)
         if self._journal is not None:
             self._journal.add_future(request_id, owner, datetime.now(UTC))
+        if self._traces is not None and traced is not None:
+            self._traces.started(request_id, traced)
         return request_id
 
     def recover(self) -> int:
@@ -101,7 +111,7 @@ class FutureRegistry:
         else:
             logger.error("request %s failed", request_id, exc_info=exc)
             failure = RequestFailedResponse(error=f"{type(exc).__name__}: {exc}", category="server")
-        self._finish(request_id, FutureResult(msgspec.json.encode(failure), JSON), failed=True)
+        self._finish(request_id, FutureResult(msgspec.json.encode(failure), JSON), error=failure.error)
 
     def settle_from(self, request_id: str, outcome: asyncio.Future[msgspec.Struct | bytes]) -> None:
         """Complete or fail `request_id` when `outcome` finishes."""
@@ -151,13 +161,17 @@ class FutureRegistry:
             self._journal.delete_futures_before(datetime.now(UTC) - timedelta(seconds=self._ttl_s))
         return len(expired)
 
-    def _finish(self, request_id: str, result: FutureResult, *, failed: bool = False) -> None:
+    def _finish(self, request_id: str, result: FutureResult, *, error: str | None = None) -> None:
+        """Store a result; `error` is the message of a failure."""
         entry = self._entries.get(request_id)
         if entry is None or entry.result is not None:
             return
         entry.result = result
         entry.completed_at = self._clock()
         entry.done.set()
+        failed = error is not None
+        if self._traces is not None:
+            self._traces.finished(request_id, "failed" if failed else "done", error)
         if self._journal is not None:
             body = result.body if result.media_type == JSON else None
             try:

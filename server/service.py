@@ -20,10 +20,12 @@ from server.metrics import Metrics
 from server.paths import CheckpointRef
 from server.runtime import BASE_MODEL_SLOT, LiveModel, LiveSampler
 from server.sequencer import Sequencer
+from server.session_trace import SessionTraces
 from server.sessions import Sessions, utc_now
 from server.store import CheckpointRecord, Store
 from server.worker import EngineWorker
 from tuft_jax.errors import InputError
+from tuft_jax.types import LoraConfig
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ class Service:
     sessions: Sessions
     metrics: Metrics
     sequencer: Sequencer = field(default_factory=Sequencer)
+    traces: SessionTraces = field(default_factory=SessionTraces)
+    """What the sessions' requests did; the same object `futures` records into."""
     workers: dict[str, EngineWorker] = field(init=False)
     models: dict[str, LiveModel] = field(default_factory=dict)
     samplers: dict[str, LiveSampler] = field(default_factory=dict)
@@ -136,6 +140,16 @@ class Service:
         if record is None or record.expired(utc_now()) or not visible_to_caller(record.owner):
             raise NotFound(f"checkpoint {ref.tinker_path} does not exist")
         return record
+
+    def checkpoint_lora(self, record: CheckpointRecord) -> LoraConfig:
+        """The adapter geometry a checkpoint was saved with (for records older than that field,
+        its training run's)."""
+        if record.lora is not None:
+            return record.lora
+        run = self.store.get_training_run(record.ref.model_id)
+        if run is None:
+            raise NotFound(f"checkpoint {record.ref.tinker_path} does not exist")
+        return run.lora
 
     def checkpoint_directory(self, ref: CheckpointRef) -> Path:
         """The directory of a checkpoint the caller may read (404 otherwise)."""

@@ -71,6 +71,11 @@ class Sessions:
         record = self.require_active(session_id)
         self._store.put_session(replace(record, last_heartbeat=self._clock()))
 
+    def assign_project(self, session_id: str, project_id: str) -> None:
+        """Move a session, and with it its training runs, into a project (ended ones too)."""
+        record = self.get(session_id)
+        self._store.put_session(replace(record, project_id=project_id))
+
     def finish(self, session_id: str, reason: str) -> bool:
         """End an active session; False if it had already ended."""
         record = self.get(session_id)

@@ -1,4 +1,5 @@
-"""Durable service records: sessions, training runs, samplers, checkpoints, API keys, futures.
+"""Durable service records: sessions, training runs, samplers, checkpoints, API keys, futures,
+and the idempotency keys of copy_weights calls.
 
 `Store` is the interface the service programs against; `server.store_sql.SqlStore` implements
 it on SQLite (the default, one file next to the checkpoints) or PostgreSQL. Live engine state
@@ -10,6 +11,7 @@ of the presented key); the routes compare it with the caller's before answering.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol
@@ -102,6 +104,22 @@ class FutureRecord:
 
 
 @dataclass(frozen=True)
+class SessionCursor:
+    """Where a newest-first listing of sessions resumes: after this (created_at, session_id)."""
+
+    created_at: datetime
+    session_id: str
+
+
+@dataclass(frozen=True)
+class CheckpointTotals:
+    """How many live checkpoints a session's training runs hold, and their bytes."""
+
+    count: int = 0
+    size_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class Page:
     """One page of a listing plus the total size of the listing."""
 
@@ -114,6 +132,12 @@ class Store(Protocol):
     def put_session(self, record: SessionRecord) -> None: ...
     def get_session(self, session_id: str) -> SessionRecord | None: ...
     def list_sessions(self, *, owner: str | None = None, limit: int | None = None, offset: int = 0) -> Page: ...
+    def sessions_newest_first(
+        self, owner: str, *, project_ids: Sequence[str] | None = None, after: SessionCursor | None = None, limit: int
+    ) -> list[SessionRecord]: ...
+    def session_checkpoint_totals(
+        self, session_ids: Sequence[str], alive_at: datetime
+    ) -> dict[str, CheckpointTotals]: ...
     def active_sessions(self) -> list[SessionRecord]: ...
     def end_active_sessions(self, reason: str) -> int: ...
 
@@ -161,6 +185,10 @@ class Store(Protocol):
     def list_api_keys(self) -> list[ApiKeyRecord]: ...
     def revoke_api_key(self, key_id: str, when: datetime) -> bool: ...
     def has_active_api_keys(self) -> bool: ...
+
+    # ---- copy_weights idempotency ----
+    def get_weight_copy(self, owner: str, idempotency_key: str) -> str | None: ...
+    def add_weight_copy(self, owner: str, idempotency_key: str, tinker_path: str, when: datetime) -> None: ...
 
     # ---- futures ----
     def add_future(self, request_id: str, owner: str, created_at: datetime) -> None: ...

@@ -26,10 +26,12 @@ from server.paths import CheckpointRef
 from server.store import (
     ApiKeyRecord,
     CheckpointRecord,
+    CheckpointTotals,
     FutureRecord,
     FutureStatus,
     Page,
     SamplerRecord,
+    SessionCursor,
     SessionRecord,
     TrainingRunRecord,
 )
@@ -87,6 +89,10 @@ def _schema(blob: str) -> list[str]:
             request_id TEXT PRIMARY KEY, owner TEXT NOT NULL, status TEXT NOT NULL,
             created_at BIGINT NOT NULL, completed_at BIGINT, media_type TEXT, body {blob})""",
         "CREATE INDEX IF NOT EXISTS futures_by_status ON futures (status, completed_at)",
+        # Added after schema version 1 was released; CREATE IF NOT EXISTS adds it to older databases.
+        """CREATE TABLE IF NOT EXISTS weight_copies (
+            owner TEXT NOT NULL, idempotency_key TEXT NOT NULL, tinker_path TEXT NOT NULL,
+            created_at BIGINT NOT NULL, PRIMARY KEY (owner, idempotency_key))""",
     ]
 
 
@@ -323,6 +329,40 @@ class SqlStore:
         where, params = ("owner = ?", [owner]) if owner is not None else ("1 = 1", [])
         rows, total = self._paged("sessions", self._SESSION, where, params, limit, offset)
         return self._page(rows, self._session, total)
+
+    def sessions_newest_first(
+        self, owner: str, *, project_ids: Sequence[str] | None = None, after: SessionCursor | None = None, limit: int
+    ) -> list[SessionRecord]:
+        """`owner`'s sessions, newest first, in `project_ids` if given, after `after` if given."""
+        clauses, params = ["owner = ?"], [owner]
+        if project_ids is not None:
+            clauses.append(f"project_id IN ({', '.join('?' * len(project_ids))})" if project_ids else "1 = 0")
+            params.extend(project_ids)
+        if after is not None:
+            created = _us(after.created_at)
+            clauses.append("(created_at < ? OR (created_at = ? AND session_id < ?))")
+            params.extend([created, created, after.session_id])
+        rows = self._query(
+            f"SELECT {self._SESSION} FROM sessions WHERE {' AND '.join(clauses)} "
+            "ORDER BY created_at DESC, session_id DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [self._session(row) for row in rows]
+
+    def session_checkpoint_totals(
+        self, session_ids: Sequence[str], alive_at: datetime
+    ) -> dict[str, CheckpointTotals]:
+        """Live checkpoints of each session's training runs (sessions without any are left out)."""
+        if not session_ids:
+            return {}
+        rows = self._query(
+            "SELECT r.session_id, COUNT(*), SUM(COALESCE(c.size_bytes, 0)) FROM checkpoints c "
+            "JOIN training_runs r ON r.model_id = c.model_id "
+            f"WHERE r.session_id IN ({', '.join('?' * len(session_ids))}) "
+            "AND (c.expires_at IS NULL OR c.expires_at > ?) GROUP BY r.session_id",
+            [*session_ids, _us(alive_at)],
+        )
+        return {row[0]: CheckpointTotals(int(row[1]), int(row[2])) for row in rows}
 
     def active_sessions(self) -> list[SessionRecord]:
         rows = self._query(f"SELECT {self._SESSION} FROM sessions WHERE finished IS NULL ORDER BY seq")
@@ -593,6 +633,22 @@ class SqlStore:
 
     def has_active_api_keys(self) -> bool:
         return self._one("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1") is not None
+
+    # ---- copy_weights idempotency -------------------------------------------------------
+
+    def get_weight_copy(self, owner: str, idempotency_key: str) -> str | None:
+        """The tinker path an earlier copy_weights with this key made for `owner`, if any."""
+        row = self._one(
+            "SELECT tinker_path FROM weight_copies WHERE owner = ? AND idempotency_key = ?", (owner, idempotency_key)
+        )
+        return None if row is None else row[0]
+
+    def add_weight_copy(self, owner: str, idempotency_key: str, tinker_path: str, when: datetime) -> None:
+        with self._tx() as execute:
+            execute(
+                "INSERT INTO weight_copies (owner, idempotency_key, tinker_path, created_at) VALUES (?, ?, ?, ?)",
+                (owner, idempotency_key, tinker_path, _us(when)),
+            )
 
     # ---- futures ------------------------------------------------------------------------
 

@@ -11,10 +11,6 @@ which the SDK would retry for minutes.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from server import checkpoint_files
+from server import checkpoint_files, signed_links
 from server.auth import current_owner
 from server.errors import NotFound
 from server.http import json_response, read_json
@@ -49,10 +45,6 @@ from server.wire.types import (
 from tuft_jax.errors import InputError
 
 MAX_PAGE = 1000
-DOWNLOAD_LINK_S = 900
-"""How long a signed archive link (for SDKs <= 0.25) stays valid."""
-_LINK_SECRET = secrets.token_bytes(32)
-"""Signs download links; per process, so a restart invalidates outstanding links."""
 
 
 class SetTtlRequest(msgspec.Struct):
@@ -82,7 +74,7 @@ def _access_scope(request: Request) -> str:
     return scope
 
 
-def _string_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
+def string_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
     """The SDK's REST models type user_metadata as str -> str."""
     return None if metadata is None else {key: str(value) for key, value in metadata.items()}
 
@@ -118,7 +110,7 @@ def _training_run(service: Service, record: TrainingRunRecord, caller: str) -> T
         lora_rank=record.lora.rank,
         last_checkpoint=latest.get("weights"),
         last_sampler_checkpoint=latest.get("sampler_weights"),
-        user_metadata=_string_metadata(record.user_metadata),
+        user_metadata=string_metadata(record.user_metadata),
     )
 
 
@@ -142,7 +134,7 @@ async def get_session(request: Request) -> Response:
         GetSessionResponse(
             training_run_ids=[r.model_id for r in service.store.session_training_runs(session.session_id)],
             sampler_ids=[s.sampler_id for s in service.store.session_samplers(session.session_id)],
-            user_metadata=_string_metadata(session.user_metadata),
+            user_metadata=string_metadata(session.user_metadata),
             display_name=session.display_name,
         )
     )
@@ -225,12 +217,7 @@ async def weights_info(request: Request) -> Response:
     body = await read_json(request, WeightsInfoRequest)
     service = Service.of(request)
     record = service.readable_checkpoint(parse_tinker_path(body.tinker_path))
-    lora = record.lora
-    if lora is None:
-        run = service.store.get_training_run(record.ref.model_id)
-        if run is None:
-            raise NotFound(f"checkpoint {body.tinker_path} does not exist")
-        lora = run.lora
+    lora = service.checkpoint_lora(record)
     return json_response(
         WeightsInfoResponse(
             base_model=record.base_model,
@@ -287,25 +274,20 @@ async def _set_ttl(request: Request, service: Service, ref: CheckpointRef) -> Re
     return json_response({"expires_at": None if expires_at is None else expires_at.isoformat()})
 
 
-def _link_signature(path: str, expires: int) -> str:
-    return hmac.new(_LINK_SECRET, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
-
-
 def _archive(request: Request, service: Service, ref: CheckpointRef) -> Response:
     """The checkpoint directory as a streamed tar.gz (entries under `{name}/`).
 
     SDKs <= 0.25 (`get_checkpoint_archive_url`, `tinker checkpoint download`) ask with
     `Accept: application/json` for `{"url", "expires"}` and then fetch the URL with a plain
-    HTTP client, so they get a link signed for this path, valid for DOWNLOAD_LINK_S seconds.
+    HTTP client, so they get a link signed for this path (server.signed_links).
     """
     if current_owner() is None:  # no API key: a signed link
         directory = _signed_link_directory(request, service, ref)
     else:
         directory = service.checkpoint_directory(ref)
         if request.headers.get("accept") == "application/json":
-            expires = int(time.time()) + DOWNLOAD_LINK_S
-            link = request.url.replace(query=f"expires={expires}&sig={_link_signature(request.url.path, expires)}")
-            return json_response({"url": str(link), "expires": datetime.fromtimestamp(expires, UTC)})
+            link, expires = signed_links.sign(request.url)
+            return json_response({"url": link, "expires": datetime.fromtimestamp(expires, UTC)})
     filename = f"{ref.model_id.replace(':', '_')}-{ref.kind}-{ref.name}.tar.gz"
     return StreamingResponse(
         checkpoint_files.archive_chunks(directory, ref.name),
@@ -318,19 +300,11 @@ def _signed_link_directory(request: Request, service: Service, ref: CheckpointRe
     """The directory a valid, unexpired signed link names. The request has no caller, so no
     ownership check could pass: the signature, handed to a caller who could read this
     checkpoint, stands in for one."""
-    try:
-        expires = int(request.query_params.get("expires", ""))
-    except ValueError:
-        expires = 0
-    signature = request.query_params.get("sig", "")
-    invalid = NotFound("this download link is invalid or has expired")
-    expected = _link_signature(request.url.path, expires)
-    if not hmac.compare_digest(signature.encode(), expected.encode()) or expires < time.time():
-        raise invalid
+    signed_links.check(request)
     record = service.store.get_checkpoint(ref)
     directory = ref.directory(service.checkpoint_dir)
     if record is None or record.expired(utc_now()) or not directory.is_dir():
-        raise invalid
+        raise NotFound("this download link is invalid or has expired")
     return directory
 
 

@@ -15,6 +15,7 @@ from server.http import json_response, read_json
 from server.paths import parse_tinker_path
 from server.runtime import BASE_MODEL_SLOT, LiveSampler
 from server.service import Service
+from server.session_trace import TracedRequest
 from server.sessions import sampler_id_for, utc_now
 from server.store import SamplerRecord
 from server.wire.proto_codec import encode_sample_response
@@ -107,7 +108,7 @@ async def asample(request: Request) -> Response:
         topk_sample_logprobs=body.topk_sample_logprobs,
     )
     outcome = service.workers[sampler.base_model].sample(item)  # 429 (CapacityError) when the queue is full
-    request_id = service.futures.create()
+    request_id = service.futures.create(traced=TracedRequest(sampler.session_id, sampler.sampler_id, "sample"))
     service.futures.settle_from(request_id, outcome)
     tag = request_id if body.seq_id is None else body.seq_id
     reply = UntypedAPIFuture(

@@ -23,6 +23,7 @@ from server.errors import NotFound
 from server.http import decode_json, json_response
 from server.runtime import LiveModel
 from server.service import Service, then
+from server.session_trace import TracedRequest
 from server.sessions import model_id_for, utc_now
 from server.store import TrainingRunRecord
 from server.wire.types import UntypedAPIFuture
@@ -60,9 +61,15 @@ def consume(service: Service, model_id: str | None, seq_id: int | None) -> None:
 
 
 async def submit_sequenced(
-    service: Service, model_id: str, seq_id: int | None, prepare: Callable[[LiveModel], Awaitable[Start]]
+    service: Service,
+    model_id: str,
+    seq_id: int | None,
+    prepare: Callable[[LiveModel], Awaitable[Start]],
+    *,
+    kind: str,
 ) -> Response:
-    """Validate with `prepare`, then queue the work behind every lower seq_id of the model.
+    """Validate with `prepare`, then queue the work behind every lower seq_id of the model;
+    `kind` names the request in the session's trace.
 
     A retry gets the original request id. A rejected seq_id is consumed, except on 429,
     after which the SDK retries the same seq_id.
@@ -82,7 +89,7 @@ async def submit_sequenced(
     if seq_id is not None and (retry := _reply_to_retry(service, model_id, seq_id)) is not None:
         return retry
     service.store.touch_training_run(model_id, utc_now())
-    request_id = service.futures.create()
+    request_id = service.futures.create(traced=TracedRequest(model.session_id, model_id, kind))
 
     def dispatch() -> None:
         service.futures.settle_from(request_id, start())
@@ -111,14 +118,17 @@ def create_model_with(
     run: Callable[[EngineAPI, LiveModel], LoraConfig],
     respond: Callable[[str], msgspec.Struct],
     user_metadata: dict[str, Any] | None,
+    *,
+    kind: str,
 ) -> Response:
-    """Create training model `{session_id}:train:{model_seq_id}` (its seq_id 0) with `run`."""
+    """Create training model `{session_id}:train:{model_seq_id}` (its seq_id 0) with `run`;
+    `kind` names the request in the session's trace."""
     owner = service.sessions.require_active(session_id).owner
     model_id = model_id_for(session_id, model_seq_id)
     existing = service.models.get(model_id)
     if existing is not None:
         return json_response(UntypedAPIFuture(request_id=existing.create_request_id, model_id=model_id))
-    request_id = service.futures.create()
+    request_id = service.futures.create(traced=TracedRequest(session_id, model_id, kind))
     model = LiveModel(model_id, session_id, engine.name, create_request_id=request_id)
     service.add_model(model)
 

@@ -185,6 +185,7 @@ async def create_model(request: Request) -> Response:
         run,
         lambda model_id: CreateModelResponse(model_id=model_id),
         body.user_metadata,
+        kind="create_model",
     )
 
 
@@ -234,7 +235,7 @@ async def load_weights(request: Request) -> Response:
 
         return lambda: then(service.workers[model.base_model].call(run), finish)
 
-    return await submit_sequenced(service, model_id, body.seq_id, prepare)
+    return await submit_sequenced(service, model_id, body.seq_id, prepare, kind="load_weights")
 
 
 def _loadable(service: Service, body: LoadWeightsRequest, base_model: str | None) -> Path:
@@ -271,6 +272,7 @@ def _create_via_load(service: Service, body: LoadWeightsRequest) -> Response:
         run,
         lambda model_id: LoadWeightsResponse(path=body.path, model_id=model_id),
         body.user_metadata,
+        kind="load_weights",
     )
 
 
@@ -298,7 +300,8 @@ async def forward_backward(request: Request) -> Response:
         )
         return lambda: service.workers[model.base_model].forward_backward(item)
 
-    return await submit_sequenced(service, call.model_id, call.seq_id, prepare)
+    kind = "forward" if call.forward_only else "forward_backward"
+    return await submit_sequenced(service, call.model_id, call.seq_id, prepare, kind=kind)
 
 
 async def optim_step(request: Request) -> Response:
@@ -313,7 +316,7 @@ async def optim_step(request: Request) -> Response:
 
         return lambda: service.workers[model.base_model].call(run)
 
-    return await submit_sequenced(service, body.model_id, body.seq_id, prepare)
+    return await submit_sequenced(service, body.model_id, body.seq_id, prepare, kind="optim_step")
 
 
 async def save_weights(request: Request) -> Response:
@@ -333,7 +336,7 @@ async def save_weights(request: Request) -> Response:
             respond=lambda path: SaveWeightsResponse(path=path),
         )
 
-    return await submit_sequenced(service, body.model_id, body.seq_id, prepare)
+    return await submit_sequenced(service, body.model_id, body.seq_id, prepare, kind="save_weights")
 
 
 async def save_weights_for_sampler(request: Request) -> Response:
@@ -359,7 +362,7 @@ async def save_weights_for_sampler(request: Request) -> Response:
             raise InputError("save_weights_for_sampler needs a path (name) or a sampling_session_seq_id")
         return _snapshot(service, model, sampler_id_for(model.session_id, body.sampling_session_seq_id))
 
-    return await submit_sequenced(service, body.model_id, body.seq_id, prepare)
+    return await submit_sequenced(service, body.model_id, body.seq_id, prepare, kind="save_weights_for_sampler")
 
 
 def _snapshot(service: Service, model: LiveModel, sampler_id: str) -> Start:
@@ -389,7 +392,7 @@ async def save_weights_external(request: Request) -> Response:
     async def prepare(_: LiveModel) -> Start:
         raise InputError("save_weights_external is not supported by this server")
 
-    return await submit_sequenced(service, body.model_id, body.seq_id, prepare)
+    return await submit_sequenced(service, body.model_id, body.seq_id, prepare, kind="save_weights_external")
 
 
 routes = [

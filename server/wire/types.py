@@ -42,7 +42,7 @@ class CreateSessionRequest(Request):
     tags: list[str] = []
     user_metadata: dict[str, Any] | None = None
     sdk_version: str = ""
-    project_id: str | None = None
+    project_id: ProjectId | None = None
     display_name: str | None = None
 
 
@@ -335,3 +335,138 @@ class GetSessionResponse(Response):
 
 class ListSessionsResponse(Response):
     sessions: list[str]
+
+
+# ---- sessions: projects, search, trace export -------------------------------------------------
+
+ProjectId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+"""A project is a label sessions (and so their training runs) are grouped under."""
+
+
+class AssignSessionProjectRequest(Request):
+    project_id: ProjectId
+
+
+class SessionTraceExportResponse(Response):
+    status: Literal["pending", "ready", "failed"]
+    url: str | None = None
+    error: str | None = None
+
+
+class OwnSearchOwner(Request, tag_field="type", tag="own"):
+    pass
+
+
+class AccessibleSearchOwner(Request, tag_field="type", tag="accessible"):
+    pass
+
+
+class UserSearchOwner(Request, tag_field="type", tag="user"):
+    owner_urns: Annotated[list[str], msgspec.Meta(min_length=1, max_length=10)]
+
+
+class ActiveStatusQuery(Request, tag_field="type", tag="active"):
+    pass
+
+
+class CancelledStatusQuery(Request, tag_field="type", tag="cancelled"):
+    pass
+
+
+class FailedStatusQuery(Request, tag_field="type", tag="failed"):
+    pass
+
+
+ClientFinishReasonType = Literal["success", "errored", "interrupted"]
+
+
+class ClientFinishedStatusQuery(Request, tag_field="type", tag="client_finished"):
+    reasons: Annotated[list[ClientFinishReasonType], msgspec.Meta(min_length=1)] | None = None
+
+
+StatusQuery = ActiveStatusQuery | CancelledStatusQuery | FailedStatusQuery | ClientFinishedStatusQuery
+
+
+class SessionSearchCursor(Request):
+    """Sent back by the client exactly as a response gave it."""
+
+    last_created_at: Annotated[datetime, msgspec.Meta(tz=True)]
+    last_session_id: str
+
+
+class SessionSearchRequest(Request):
+    session_id: str | None = None
+    project_ids: list[ProjectId] | None = None
+    user_metadata: dict[str, str] = {}
+    display_name: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    owner: OwnSearchOwner | AccessibleSearchOwner | UserSearchOwner = msgspec.field(default_factory=OwnSearchOwner)
+    statuses: Annotated[list[StatusQuery], msgspec.Meta(min_length=1)] | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=200)] = 50
+    cursor: SessionSearchCursor | None = None
+
+
+class ClientFinishReason(Response):
+    type: ClientFinishReasonType
+
+
+class ActiveStatus(Response, tag_field="type", tag="active"):
+    pass
+
+
+class ClientFinishedStatus(Response, tag_field="type", tag="client_finished"):
+    reason: ClientFinishReason
+
+
+class SessionSummary(Response):
+    session_id: str
+    created_at: datetime
+    owner: str
+    project_id: str
+    """Empty for a session in no project."""
+    checkpoints_count: int
+    status: ActiveStatus | ClientFinishedStatus | None = None
+    """None for a session that ended without its client finishing it (expired, or cut off by a restart)."""
+    display_name: str | None = None
+    user_metadata: dict[str, str] | None = None
+    checkpoint_storage_bytes: int | None = None
+
+
+class SessionSearchResponse(Response):
+    sessions: list[SessionSummary]
+    next_cursor: SessionSearchCursor | None = None
+
+
+# ---- copy_weights and the caller's API key ----------------------------------------------------
+
+
+class CopyWeightsRequest(Request):
+    source_path: str
+    destination_project_id: ProjectId | None = None
+    session_id: str | None = None
+    model_seq_id: SeqId | None = None
+    ttl_seconds: TtlSeconds | None = None
+    weights_access_token: str | None = None
+
+
+class CopyWeightsResponse(Response):
+    tinker_path: str
+
+
+class ApiKeyOrgDetails(Response):
+    name: str
+
+
+class ApiKeyUserDetails(Response):
+    email: str
+
+
+class ApiKeyDetails(Response):
+    org_details: ApiKeyOrgDetails
+    user_details: ApiKeyUserDetails
+
+
+class SelfApiKeyResponse(Response):
+    key_id: int
+    name: str
+    note: str
+    details: ApiKeyDetails

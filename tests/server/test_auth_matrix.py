@@ -66,6 +66,13 @@ OWNED: dict[tuple[str, str], Calls] = {
     ("POST", "/api/v1/session_heartbeat"): _one(lambda i: {"session_id": i.session}),
     ("POST", "/api/v1/sessions/{session_id}/finish"): _one(lambda i: {}),
     ("GET", "/api/v1/sessions/{session_id}"): _one(),
+    ("PUT", "/api/v1/sessions/{session_id}/project"): _one(lambda i: {"project_id": "proj-b"}),
+    ("GET", "/api/v1/sessions/{session_id}/trace_export"): _one(),
+    ("GET", "/api/v1/sessions/{session_id}/trace"): _one(),
+    ("POST", "/api/v1/copy_weights"): lambda i: [
+        Call(json={"source_path": i.state, "destination_project_id": "proj-b"}, headers={"X-Idempotency-Key": "k"}),
+        Call(json={"source_path": i.state, "session_id": i.session, "model_seq_id": 9}),
+    ],
     ("POST", "/api/v1/create_model"): _one(
         lambda i: {"session_id": i.session, "model_seq_id": 5, "base_model": BASE, "lora_config": {"rank": 4}}
     ),
@@ -112,6 +119,9 @@ NEUTRAL: dict[tuple[str, str], Calls] = {
     ("GET", "/api/v1/sessions"): _one(),
     ("GET", "/api/v1/training_runs"): lambda i: [Call(), Call(params={"_query": "?access_scope=accessible"})],
     ("GET", "/api/v1/checkpoints"): _one(),
+    ("POST", "/api/v1/sessions/search"): lambda i: [Call(json={}), Call(json={"owner": {"type": "accessible"}})],
+    ("GET", "/api/v1/auth/apikey/me"): _one(),
+    ("DELETE", "/api/v1/auth/apikey/me"): _one(),
 }
 
 _PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")

@@ -6,9 +6,11 @@ end-to-end test with the real engine lives in tests/e2e.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,3 +86,40 @@ def test_sdk_flow(base_url: str, engine) -> None:
     service.close("success").result()
     session = rest.get_session(training.holder.get_session_id()).result()
     assert session.training_run_ids == [training.model_id, restored.model_id]
+
+
+@pytest.mark.filterwarnings("ignore:RestClient.search_sessions is experimental")
+def test_sdk_projects_copies_search_and_traces(base_url: str, engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """copy_weights, assign_session_project, search_sessions and export_session_trace as the SDK
+    calls them and parses the answers; the trace URL downloads with a plain HTTP client."""
+    service = tinker.ServiceClient(base_url=base_url, api_key="tml-smoke", project_id="proj-train")
+    rest = tinker.RestClient(base_url=base_url, api_key="tml-smoke")
+    training = service.create_lora_training_client(base_model=engine.name, rank=4).result()
+    state_path = training.save_state("ckpt-1").result().path
+    session_id = training.holder.get_session_id()
+
+    copy_path = rest.copy_weights(state_path, "proj-archive", ttl_seconds=7200).result()
+    archived = rest.list_training_runs(project_id="proj-archive").result().training_runs
+    assert [r.last_checkpoint.tinker_path for r in archived] == [copy_path]
+    monkeypatch.setenv("TINKER_PROJECT_ID", "proj-env")
+    rest.copy_weights(state_path).result()
+    assert len(rest.list_training_runs(project_id="proj-env").result().training_runs) == 1
+    assert tinker.ServiceClient(base_url=base_url, api_key="tml-smoke", project_id="proj-svc").copy_weights(
+        copy_path
+    ).result().endswith("/weights/ckpt-1")
+
+    assert [r.training_run_id for r in rest.list_training_runs(project_id="proj-train").result().training_runs] == [
+        training.model_id
+    ]
+    rest.assign_session_project(session_id, "proj-moved").result()
+    assert rest.list_training_runs(project_id="proj-train").result().training_runs == []
+    page = rest.search_sessions(T.SessionSearchRequest(project_ids=["proj-moved"])).result()
+    assert [(s.session_id, s.checkpoints_count) for s in page.sessions] == [(session_id, 1)]
+    assert page.next_cursor is None
+
+    url = rest.export_session_trace(session_id).result()
+    with urllib.request.urlopen(url, timeout=10) as response:
+        trace = json.loads(response.read())
+    kinds = [e["name"] for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert kinds == ["create_model", "save_weights"]
+    service.close("success").result()

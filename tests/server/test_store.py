@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from server.paths import CheckpointRef
-from server.store import ApiKeyRecord, CheckpointRecord, SamplerRecord, SessionRecord, TrainingRunRecord
+from server.store import (
+    ApiKeyRecord,
+    CheckpointRecord,
+    CheckpointTotals,
+    SamplerRecord,
+    SessionCursor,
+    SessionRecord,
+    TrainingRunRecord,
+)
 from server.store_sql import SqlStore, StoreError, default_database_url, dialect_for, redact
 from tuft_jax.types import LoraConfig
 
@@ -60,6 +68,58 @@ def test_sessions(store: SqlStore) -> None:
     assert [s.session_id for s in store.active_sessions()] == ["s2", "s3"]
     assert store.end_active_sessions("server_restarted") == 2
     assert store.active_sessions() == [] and store.get_session("s2").finished == "server_restarted"
+
+
+def test_sessions_newest_first(store: SqlStore) -> None:
+    """Search pages: the owner's sessions by creation time then id, descending, in the given
+    projects, resuming after a cursor."""
+    later = T0 + timedelta(seconds=1)
+    for session_id, created, project in [("a", T0, "p1"), ("b", later, "p2"), ("c", later, None), ("d", T0, "p1")]:
+        store.put_session(session(session_id, created_at=created, project_id=project))
+    store.put_session(session("x", owner="bob", created_at=later))
+
+    def ids(**kwargs) -> list[str]:
+        return [s.session_id for s in store.sessions_newest_first("alice", limit=10, **kwargs)]
+
+    assert ids() == ["c", "b", "d", "a"]
+    assert [s.session_id for s in store.sessions_newest_first("alice", limit=2)] == ["c", "b"]
+    assert ids(after=SessionCursor(later, "b")) == ["d", "a"]
+    assert ids(after=SessionCursor(later, "c")) == ["b", "d", "a"]
+    assert ids(project_ids=["p1"]) == ["d", "a"]
+    assert ids(project_ids=["p2", "p1"], after=SessionCursor(T0, "d")) == ["a"]
+    assert ids(project_ids=[]) == []
+
+
+def test_session_checkpoint_totals(store: SqlStore) -> None:
+    store.put_training_run(run("s1:train:0", "s1"))
+    store.put_training_run(run("s1:train:1", "s1"))
+    store.put_training_run(run("s2:train:0", "s2"))
+    store.put_checkpoint(checkpoint("s1:train:0", "a"))
+    store.put_checkpoint(checkpoint("s1:train:1", "b", size_bytes=None))
+    store.put_checkpoint(checkpoint("s1:train:1", "c", kind="sampler_weights", size_bytes=7))
+    store.put_checkpoint(checkpoint("s2:train:0", "gone", expires_at=T0))
+    totals = store.session_checkpoint_totals(["s1", "s2", "s3"], T0)
+    assert totals == {"s1": CheckpointTotals(3, 130)}, "expired checkpoints and empty sessions are left out"
+    assert store.session_checkpoint_totals([], T0) == {}
+
+
+def test_weight_copies(store: SqlStore) -> None:
+    assert store.get_weight_copy("alice", "k1") is None
+    store.add_weight_copy("alice", "k1", "tinker://s:train:0/weights/a", T0)
+    assert store.get_weight_copy("alice", "k1") == "tinker://s:train:0/weights/a"
+    assert store.get_weight_copy("bob", "k1") is None, "keys are per owner"
+
+
+def test_a_database_from_before_weight_copies_gains_the_table(tmp_path: Path) -> None:
+    path = tmp_path / "tuft.db"
+    SqlStore.sqlite(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE weight_copies")
+    reopened = SqlStore.sqlite(path)
+    reopened.add_weight_copy("alice", "k", "tinker://s:train:0/weights/a", T0)
+    assert reopened.get_weight_copy("alice", "k") == "tinker://s:train:0/weights/a"
+    assert reopened._one("SELECT version FROM schema_version")[0] == 1
+    reopened.close()
 
 
 def test_training_runs_and_samplers(store: SqlStore) -> None:
