@@ -27,6 +27,7 @@ from server.session_trace import SessionTraces
 from server.sessions import Sessions, utc_now
 from server.store import Store
 from server.store_sql import open_store
+from server.url_signing import UrlSigner
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def build_app(
         futures=FutureRegistry(ttl_s=options.future_ttl_s, journal=store, traces=traces),
         sessions=Sessions(store, timeout_s=options.session_timeout_s),
         metrics=metrics.Metrics(),
+        url_signer=UrlSigner.load_or_create(checkpoint_dir),
         sequencer=Sequencer(options.seq_gap_timeout_s),
         traces=traces,
     )

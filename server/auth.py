@@ -15,10 +15,10 @@ Who the running code acts for lives in a context variable with three states:
 - `Caller.SYSTEM`, the default: code outside any request (background sweeps, recovery, the
   CLI, tests calling the service directly), which sees everything.
 
-Signed download links (`GET` of a path in `server.signed_links.SIGNED_PATHS` with
-`?expires=...&sig=...`: checkpoint archives for older SDKs, session traces) carry their own
-HMAC authorization, checked by the route that serves them, so they work with a plain HTTP
-client.
+Signed downloads (a `GET` of a path in `server.url_signing.SIGNED_PATHS` with
+`?expires=...&sig=...`: an external_weights checkpoint's files, checkpoint archives for older
+SDKs, session traces) carry their own HMAC authorization, checked by the route that serves
+them, so they work with a plain HTTP client.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api_keys import ApiKeyAuth
 from server.errors import error_response
-from server.signed_links import SIGNED_PATHS
+from server.url_signing import SIGNED_PATHS
 
 _API_KEY_HEADER = b"x-api-key"
 _PUBLIC = frozenset({("GET", "/healthz"), ("GET", "/api/v1/healthz"), ("GET", "/metrics")})

@@ -1,10 +1,9 @@
 """Checkpoint directories on disk: atomic saves (Orbax + PEFT) and copies, deletion, expiry,
 crash recovery, and streaming a checkpoint as a tar.gz.
 
-A save is written into a hidden `.pending-*` directory next to its final place (the engine's
-Orbax checkpoint, plus for sampler weights a `peft/` adapter directory) and renamed into place
-only when complete, so a crash mid-save never leaves a visible half checkpoint. An overwrite
-moves the old directory aside (`.replaced-*`) first and puts it back if the rename fails.
+A save is written into a hidden `.pending-*` directory next to its final place and renamed
+into place only when complete, so a crash mid-save never leaves a visible half checkpoint. An
+overwrite moves the old directory aside (`.replaced-*`) first and puts it back if the rename fails.
 Names starting with `.` are never valid checkpoint names (server.paths), so these temporary
 directories cannot collide with checkpoints. `recover` cleans up after a crash at startup
 and reconciles the directories with the store.
@@ -23,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from server.engine_api import EngineAPI
-from server.paths import CheckpointRef
+from server.paths import CheckpointKind, CheckpointRef
 from server.store import CheckpointRecord, Store
 from tuft_jax.errors import InputError
 
@@ -31,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 PEFT_DIR = "peft"
 """Subdirectory of a sampler checkpoint holding the standard PEFT adapter."""
+COMPLETE_MARKER = "checkpoint_complete"
+"""Empty last file of an external_weights checkpoint, as in Tinker's exports (`tinker checkpoint
+push-hf` skips it): downloaded files come in name order, so it arrives last."""
 
 _PENDING, _REPLACED, _DELETED = ".pending-", ".replaced-", ".deleted-"
 _TEMPORARY = (_PENDING, _DELETED, ".staging-")
@@ -46,11 +48,9 @@ class CheckpointWriteError(OSError):
     failure, reported with what failed and where instead of the bare OSError's text."""
 
 
-def save(
-    engine: EngineAPI, slot: int, directory: Path, *, with_optimizer: bool, peft: bool, replace: bool
-) -> int:
-    """Save `slot` to `directory` (with a PEFT export under `peft/` if asked); returns the size
-    in bytes. An existing directory is replaced only if `replace`. A filesystem failure raises
+def save(engine: EngineAPI, slot: int, directory: Path, kind: CheckpointKind, *, replace: bool) -> int:
+    """Save `slot` to `directory` as a checkpoint of `kind`; returns the size in bytes. An
+    existing directory is replaced only if `replace`. A filesystem failure raises
     CheckpointWriteError and leaves no trace: the pending directory is removed, an overwritten
     checkpoint is kept."""
     if directory.exists() and not replace:
@@ -58,15 +58,26 @@ def save(
     pending = directory.with_name(f"{_PENDING}{directory.name}-{uuid.uuid4().hex}")
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
-        engine.save_adapter(slot, pending, with_optimizer=with_optimizer)
-        if peft:
-            engine.export_peft(slot, pending / PEFT_DIR)
+        _write(engine, slot, pending, kind)
         _install(pending, directory)
     except OSError as exc:
         raise CheckpointWriteError(_write_failure(directory, exc)) from exc
     finally:
         shutil.rmtree(pending, ignore_errors=True)
     return tree_size(directory)
+
+
+def _write(engine: EngineAPI, slot: int, directory: Path, kind: CheckpointKind) -> None:
+    """Training checkpoints hold the engine's Orbax checkpoint with the optimizer state, sampler
+    checkpoints the Orbax weights plus a PEFT export under `peft/` (for other tools), external
+    weights only the PEFT export and the completion marker: exactly the files a download gets."""
+    if kind == "external_weights":
+        engine.export_peft(slot, directory)
+        (directory / COMPLETE_MARKER).touch()
+        return
+    engine.save_adapter(slot, directory, with_optimizer=kind == "weights")
+    if kind == "sampler_weights":
+        engine.export_peft(slot, directory / PEFT_DIR)
 
 
 def link_copy(source: Path, directory: Path) -> int:

@@ -1,6 +1,6 @@
 """`tuft` console script: serve the Tinker API, and manage API keys.
 
-    tuft [serve] [--port 8080] [--checkpoint-dir DIR] [--db URL] [--auth auto|required|open] ...
+    tuft [serve] [--port 8080] [--checkpoint-dir DIR] [--db URL] [--auth auto|required|open] [--public-url URL] ...
     tuft api-key create --name NAME [--db URL | --checkpoint-dir DIR]
     tuft api-key list    [--db URL | --checkpoint-dir DIR]
     tuft api-key revoke KEY_ID [--db URL | --checkpoint-dir DIR]
@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the built-in model and the JAX compilation cache live"
     )
+    parser.add_argument(
+        "--public-url",
+        default=None,
+        metavar="URL",
+        help="http(s)://host[:port][/prefix] clients reach this server at, used in the download URLs it hands "
+        "out (default: the address each request came to)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     multihost = parser.add_argument_group(
         "multi-host", "run one process per host; process 0 serves HTTP and drives the others"
@@ -75,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--num-processes > 1 needs --coordinator-address")
     if not 0 <= args.process_id < args.num_processes:
         parser.error(f"--process-id must be in [0, {args.num_processes})")
+    if args.public_url is not None and not args.public_url.startswith(("http://", "https://")):
+        parser.error(f"--public-url must start with http:// or https://, got {args.public_url!r}")
     return args
 
 
@@ -118,7 +127,8 @@ def serve(argv: list[str]) -> None:
         for name, engine in engines.items():
             engine.broadcaster = multihost.Broadcaster(name)
         on_shutdown = multihost.shutdown_workers
-    app = build_app(engines, checkpoint_dir, options=ServerOptions(auth=args.auth), store=store, on_shutdown=on_shutdown)
+    options = ServerOptions(auth=args.auth, public_url=args.public_url)
+    app = build_app(engines, checkpoint_dir, options=options, store=store, on_shutdown=on_shutdown)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
     )

@@ -49,6 +49,12 @@ class ServerOptions:
     """Body limit of asample (413 beyond it)."""
     max_json_body_bytes: int = MAX_JSON_BODY_BYTES
     """Body limit of every other route (413 beyond it)."""
+    download_url_s: int = 900
+    """How long a signed download URL stays valid. `tinker checkpoint download` asks for new
+    ones when fewer than 5 minutes are left, and a download already running is not cut off."""
+    public_url: str | None = None
+    """`scheme://host[:port][/prefix]` that clients reach this server at, for the download URLs
+    it hands out; None: the address the request came to (its Host header)."""
     seq_gap_timeout_s: float = 120.0
     """How long requests of a model wait for a missing lower seq_id (one whose body could not
     be read, so it was never accepted nor consumed) before it is skipped with a warning. Far

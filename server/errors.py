@@ -34,6 +34,12 @@ class NotFound(ApiError):
     status = 404
 
 
+class Forbidden(ApiError):
+    """A signed download URL that does not verify (tampered with, or expired)."""
+
+    status = 403
+
+
 class Gone(ApiError):
     """The session has finished or expired; a 410 stops the SDK's heartbeat loop."""
 

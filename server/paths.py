@@ -15,15 +15,19 @@ from typing import Literal, get_args
 
 from tuft_jax.errors import InputError
 
-CheckpointKind = Literal["weights", "sampler_weights"]
-CheckpointType = Literal["training", "sampler"]
+CheckpointKind = Literal["weights", "sampler_weights", "external_weights"]
+CheckpointType = Literal["training", "sampler", "external"]
 
 TINKER_SCHEME = "tinker://"
 MAX_NAME_LENGTH = 200
 
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _MODEL_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._:-]*")
-_TYPES: dict[CheckpointKind, CheckpointType] = {"weights": "training", "sampler_weights": "sampler"}
+_TYPES: dict[CheckpointKind, CheckpointType] = {
+    "weights": "training",
+    "sampler_weights": "sampler",
+    "external_weights": "external",
+}
 
 
 def _check_segment(value: str, pattern: re.Pattern[str], what: str) -> str:
@@ -46,8 +50,6 @@ def validate_model_id(model_id: str) -> str:
 
 
 def _check_kind(kind: str) -> CheckpointKind:
-    if kind == "external_weights":
-        raise InputError("external_weights checkpoints are not supported by this server")
     if kind not in _TYPES:
         raise InputError(f"invalid checkpoint kind {kind!r}: expected one of {', '.join(get_args(CheckpointKind))}")
     return kind  # type: ignore[return-value]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from server.sequencer import Sequencer
 from server.session_trace import SessionTraces
 from server.sessions import Sessions, utc_now
 from server.store import CheckpointRecord, Store
+from server.url_signing import UrlSigner
 from server.worker import EngineWorker
 from tuft_jax.errors import InputError
 from tuft_jax.types import LoraConfig
@@ -66,6 +68,7 @@ class Service:
     futures: FutureRegistry
     sessions: Sessions
     metrics: Metrics
+    url_signer: UrlSigner
     sequencer: Sequencer = field(default_factory=Sequencer)
     traces: SessionTraces = field(default_factory=SessionTraces)
     """What the sessions' requests did; the same object `futures` records into."""
@@ -151,6 +154,17 @@ class Service:
             raise NotFound(f"checkpoint {record.ref.tinker_path} does not exist")
         return run.lora
 
+    def url_expiry(self) -> int:
+        """When a signed URL handed out now expires (epoch s)."""
+        return int(time.time()) + self.options.download_url_s
+
+    def signed_url(self, request: Request, path: str, expires: int) -> str:
+        """A URL of `path` that a plain HTTP client may GET without a key until `expires`. It
+        names `public_url`, or else the address `request` came to; the signature covers the
+        canonical `path` alone, so the host or a proxy's prefix does not change it."""
+        base = (self.options.public_url or str(request.base_url)).rstrip("/")
+        return f"{base}{path}?{self.url_signer.query(path, expires)}"
+
     def checkpoint_directory(self, ref: CheckpointRef) -> Path:
         """The directory of a checkpoint the caller may read (404 otherwise)."""
         self.readable_checkpoint(ref)
@@ -163,6 +177,11 @@ class Service:
         """The engine a readable checkpoint loads on, after checking its recorded geometry (base
         model, LoRA rank) against what this server serves: a mismatch is a 400, not a failed load."""
         record = self.readable_checkpoint(ref)
+        if ref.kind == "external_weights":
+            raise InputError(
+                f"{ref.tinker_path} is an external_weights export (a PEFT adapter for other tools) and cannot "
+                "be loaded; load a weights or sampler_weights checkpoint"
+            )
         trained_on = record.base_model
         if trained_on and trained_on not in self.engines:
             raise InputError(

@@ -1,5 +1,5 @@
 """REST views of sessions, training runs, checkpoints and samplers (`RestClient`), plus
-checkpoint management (delete, publish/unpublish, TTL) and archive downloads.
+checkpoint management (delete, publish/unpublish, TTL) and downloads (server.routes.downloads).
 
 Everything is scoped to the caller (the owner behind its API key): another tenant's session,
 run, sampler or private checkpoint answers 404 exactly like a missing one. Public checkpoints
@@ -11,21 +11,20 @@ which the SDK would retry for minutes.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 import msgspec
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
-from server import checkpoint_files, signed_links
-from server.auth import current_owner
+from server import checkpoint_files
 from server.errors import NotFound
 from server.http import json_response, read_json
 from server.paths import CheckpointRef, parse_checkpoint_id, parse_tinker_path, validate_model_id
+from server.routes import downloads
 from server.service import Service
 from server.sessions import utc_now
 from server.store import CheckpointRecord, TrainingRunRecord
@@ -231,7 +230,8 @@ async def weights_info(request: Request) -> Response:
 
 
 async def checkpoint_resource(request: Request) -> Response:
-    """`{kind}/{name}` (DELETE) and `{kind}/{name}/{publish|ttl|archive}` under a run.
+    """`{kind}/{name}` (DELETE), `{kind}/{name}/{publish|ttl|archive|external_weights_urls}`
+    and `{kind}/{name}/files/{file}` under a run.
 
     One route parses the rest of the path itself: a checkpoint id always has exactly two
     segments, so a checkpoint named `publish` or `ttl` is never mistaken for an action.
@@ -244,8 +244,6 @@ async def checkpoint_resource(request: Request) -> Response:
         return await _delete(service, parse_checkpoint_id(run_id, "/".join(parts)))
     if len(parts) == 3:
         action = parts[2]
-        if parts[0] == "external_weights" and action == "external_weights_urls" and method == "GET":
-            raise InputError("external_weights checkpoints are not supported by this server")
         ref = parse_checkpoint_id(run_id, "/".join(parts[:2]))
         if action == "publish" and method in ("POST", "DELETE"):
             service.owned_checkpoint(ref)
@@ -254,7 +252,12 @@ async def checkpoint_resource(request: Request) -> Response:
         if action == "ttl" and method == "PUT":
             return await _set_ttl(request, service, ref)
         if action == "archive" and method == "GET":
-            return _archive(request, service, ref)
+            return downloads.archive(request, service, ref)
+        if action == "external_weights_urls" and method == "GET":
+            return downloads.external_weights_urls(request, service, ref)
+    if len(parts) == 4 and parts[2] == downloads.FILES and method == "GET":
+        ref = parse_checkpoint_id(run_id, "/".join(parts[:2]))
+        return downloads.external_weights_file(request, service, ref, parts[3])
     raise NotFound(f"no such resource: {request.url.path}")
 
 
@@ -272,40 +275,6 @@ async def _set_ttl(request: Request, service: Service, ref: CheckpointRef) -> Re
     expires_at = None if ttl is None else utc_now() + timedelta(seconds=ttl)
     service.store.set_checkpoint_expiry(ref, expires_at)
     return json_response({"expires_at": None if expires_at is None else expires_at.isoformat()})
-
-
-def _archive(request: Request, service: Service, ref: CheckpointRef) -> Response:
-    """The checkpoint directory as a streamed tar.gz (entries under `{name}/`).
-
-    SDKs <= 0.25 (`get_checkpoint_archive_url`, `tinker checkpoint download`) ask with
-    `Accept: application/json` for `{"url", "expires"}` and then fetch the URL with a plain
-    HTTP client, so they get a link signed for this path (server.signed_links).
-    """
-    if current_owner() is None:  # no API key: a signed link
-        directory = _signed_link_directory(request, service, ref)
-    else:
-        directory = service.checkpoint_directory(ref)
-        if request.headers.get("accept") == "application/json":
-            link, expires = signed_links.sign(request.url)
-            return json_response({"url": link, "expires": datetime.fromtimestamp(expires, UTC)})
-    filename = f"{ref.model_id.replace(':', '_')}-{ref.kind}-{ref.name}.tar.gz"
-    return StreamingResponse(
-        checkpoint_files.archive_chunks(directory, ref.name),
-        media_type="application/gzip",
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
-    )
-
-
-def _signed_link_directory(request: Request, service: Service, ref: CheckpointRef) -> Path:
-    """The directory a valid, unexpired signed link names. The request has no caller, so no
-    ownership check could pass: the signature, handed to a caller who could read this
-    checkpoint, stands in for one."""
-    signed_links.check(request)
-    record = service.store.get_checkpoint(ref)
-    directory = ref.directory(service.checkpoint_dir)
-    if record is None or record.expired(utc_now()) or not directory.is_dir():
-        raise NotFound("this download link is invalid or has expired")
-    return directory
 
 
 routes = [

@@ -9,7 +9,7 @@ scope finds something only if it names the caller. Another key's session is a 40
 everywhere.
 
 A trace export is built on request and is ready at once: the answer is a link, signed for
-the caller (server.signed_links), to the trace document (server.session_trace), which the
+the caller (`Service.signed_url`), to the trace document (server.session_trace), which the
 CLI downloads with a plain HTTP client.
 """
 
@@ -19,7 +19,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from server import signed_links
 from server.auth import current_owner
 from server.errors import NotFound
 from server.http import json_response, read_json
@@ -140,9 +139,14 @@ async def assign_project(request: Request) -> Response:
 
 
 async def export_trace(request: Request) -> Response:
-    session = Service.of(request).sessions.get(request.path_params["session_id"])
-    link, _ = signed_links.sign(request.url_for("session_trace", session_id=session.session_id))
+    service = Service.of(request)
+    session = service.sessions.get(request.path_params["session_id"])
+    link = service.signed_url(request, _trace_path(session.session_id), service.url_expiry())
     return json_response(SessionTraceExportResponse(status="ready", url=link))
+
+
+def _trace_path(session_id: str) -> str:
+    return f"/api/v1/sessions/{session_id}/trace"
 
 
 async def session_trace(request: Request) -> Response:
@@ -150,8 +154,8 @@ async def session_trace(request: Request) -> Response:
     service = Service.of(request)
     session_id = request.path_params["session_id"]
     if current_owner() is None:
-        signed_links.check(request)
-        if service.store.get_session(session_id) is None:
+        valid = service.url_signer.is_valid(_trace_path(session_id), request.query_params)
+        if not valid or service.store.get_session(session_id) is None:
             raise NotFound("this download link is invalid or has expired")
     else:
         service.sessions.get(session_id)
@@ -164,5 +168,5 @@ routes = [
     Route("/api/v1/sessions/search", search_sessions, methods=["POST"]),
     Route("/api/v1/sessions/{session_id}/project", assign_project, methods=["PUT"]),
     Route("/api/v1/sessions/{session_id}/trace_export", export_trace, methods=["GET"]),
-    Route("/api/v1/sessions/{session_id}/trace", session_trace, methods=["GET"], name="session_trace"),
+    Route("/api/v1/sessions/{session_id}/trace", session_trace, methods=["GET"]),
 ]

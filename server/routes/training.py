@@ -53,6 +53,7 @@ from server.wire.types import (
     OptimStepRequest,
     OptimStepResponse,
     SaveWeightsExternalRequest,
+    SaveWeightsExternalResponse,
     SaveWeightsForSamplerRequest,
     SaveWeightsForSamplerResponse,
     SaveWeightsRequest,
@@ -71,12 +72,10 @@ def _save(
     model: LiveModel,
     ref: CheckpointRef,
     *,
-    with_optimizer: bool,
-    peft: bool,
     overwrite: bool,
     ttl_seconds: int | None,
     user_metadata: dict[str, str] | None,
-    respond: Callable[[str], msgspec.Struct],
+    respond: Callable[[CheckpointRecord], msgspec.Struct],
 ) -> Start:
     """Queue an atomic save of the model's adapter as `ref`; an existing checkpoint of that
     name is a 400 unless `overwrite` (an expired one is simply replaced)."""
@@ -90,9 +89,7 @@ def _save(
 
     def run(engine: EngineAPI) -> tuple[int, LoraConfig]:
         slot = model.require_slot()
-        size = checkpoint_files.save(
-            engine, slot, directory, with_optimizer=with_optimizer, peft=peft, replace=overwrite or stale
-        )
+        size = checkpoint_files.save(engine, slot, directory, ref.kind, replace=overwrite or stale)
         return size, engine.adapter_config(slot)
 
     def finish(saved: tuple[int, LoraConfig]) -> msgspec.Struct:
@@ -101,7 +98,7 @@ def _save(
             ref, owner, utc_now(), size, user_metadata, expires_at, base_model=model.base_model, lora=lora
         )
         service.store.put_checkpoint(record)
-        return respond(ref.tinker_path)
+        return respond(record)
 
     return lambda: then(service.workers[model.base_model].call(run), finish)
 
@@ -328,12 +325,10 @@ async def save_weights(request: Request) -> Response:
             service,
             model,
             _checkpoint_ref(model, "weights", body.path),
-            with_optimizer=True,
-            peft=False,
             overwrite=body.overwrite,
             ttl_seconds=body.ttl_seconds,
             user_metadata=body.user_metadata,
-            respond=lambda path: SaveWeightsResponse(path=path),
+            respond=lambda record: SaveWeightsResponse(path=record.ref.tinker_path),
         )
 
     return await submit_sequenced(service, body.model_id, body.seq_id, prepare, kind="save_weights")
@@ -351,12 +346,10 @@ async def save_weights_for_sampler(request: Request) -> Response:
                 service,
                 model,
                 _checkpoint_ref(model, "sampler_weights", body.path),
-                with_optimizer=False,
-                peft=True,
                 overwrite=False,
                 ttl_seconds=body.ttl_seconds,
                 user_metadata=body.user_metadata,
-                respond=lambda path: SaveWeightsForSamplerResponse(path=path),
+                respond=lambda record: SaveWeightsForSamplerResponse(path=record.ref.tinker_path),
             )
         if body.sampling_session_seq_id is None:
             raise InputError("save_weights_for_sampler needs a path (name) or a sampling_session_seq_id")
@@ -385,12 +378,28 @@ def _snapshot(service: Service, model: LiveModel, sampler_id: str) -> Start:
 
 
 async def save_weights_external(request: Request) -> Response:
-    """Refused, but through the sequencer so the model's seq_id stays consumed."""
+    """An `external_weights` checkpoint: the adapter as a standard PEFT directory, downloaded
+    file by file through signed URLs (`tinker checkpoint download`, server.routes.downloads)."""
     service = Service.of(request)
     body = await read_training_body(service, request, SaveWeightsExternalRequest)
 
-    async def prepare(_: LiveModel) -> Start:
-        raise InputError("save_weights_external is not supported by this server")
+    async def prepare(model: LiveModel) -> Start:
+        if body.age_encryption_recipients is not None:
+            raise InputError(
+                "age_encryption_recipients is not supported by this server (it has no age encryption); "
+                "omit it to export the weights unencrypted"
+            )
+        return _save(
+            service,
+            model,
+            _checkpoint_ref(model, "external_weights", body.path),
+            overwrite=False,
+            ttl_seconds=body.ttl_seconds,
+            user_metadata=None,
+            respond=lambda record: SaveWeightsExternalResponse(
+                path=record.ref.tinker_path, size_bytes=record.size_bytes
+            ),
+        )
 
     return await submit_sequenced(service, body.model_id, body.seq_id, prepare, kind="save_weights_external")
 

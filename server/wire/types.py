@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from server.paths import CheckpointType
+
 INT64_MAX = 2**63 - 1
 MAX_TTL_SECONDS = 10 * 366 * 24 * 3600
 """The longest checkpoint TTL (ten years): further out, expiry dates stop being dates."""
@@ -189,7 +191,15 @@ class SaveWeightsForSamplerResponse(Response, tag_field="type", tag="save_weight
 
 class SaveWeightsExternalRequest(Request):
     model_id: str
+    path: str
     seq_id: SeqId | None = None
+    ttl_seconds: TtlSeconds | None = None
+    age_encryption_recipients: list[str] | None = None
+
+
+class SaveWeightsExternalResponse(Response, tag_field="type", tag="save_weights_external"):
+    path: str
+    size_bytes: int | None = None
 
 
 # ---- sampling ---------------------------------------------------------------------------------
@@ -282,7 +292,7 @@ class Cursor(Response):
 
 class Checkpoint(Response):
     checkpoint_id: str
-    checkpoint_type: Literal["training", "sampler"]
+    checkpoint_type: CheckpointType
     time: datetime
     tinker_path: str
     size_bytes: int | None = None
@@ -311,6 +321,12 @@ class TrainingRun(Response):
 class TrainingRunsResponse(Response):
     training_runs: list[TrainingRun]
     cursor: Cursor
+
+
+class ExternalWeightsUrlsResponse(Response):
+    urls: dict[str, str]
+    """Signed download URL of each file, keyed by its path inside the checkpoint."""
+    expires: datetime
 
 
 class WeightsInfoRequest(Request):

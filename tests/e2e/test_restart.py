@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tinker
-import torch
 from live_server import ServerProcess
-from peft import PeftModel
+from peft_check import peft_logprobs
 from tinker import types
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 BASE_MODEL = "tuft/tiny-qwen3"
 API_KEY = "tml-e2e-restart"
@@ -148,9 +147,4 @@ def test_sampler_checkpoint_is_a_peft_adapter(restarted, service: tinker.Service
 
     name = restarted["sampler_path"].rsplit("/", 1)[1]
     peft_dir = restarted["server"].checkpoint_dir / restarted["model_id"] / "sampler_weights" / name / "peft"
-    base = AutoModelForCausalLM.from_pretrained(restarted["tokenizer_dir"], dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, peft_dir).eval()
-    with torch.no_grad():
-        logits = model(torch.tensor([tokens])).logits[0, :-1].double()
-    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0].numpy()
-    np.testing.assert_allclose(served, expected, atol=1e-4)
+    np.testing.assert_allclose(served, peft_logprobs(restarted["tokenizer_dir"], peft_dir, tokens), atol=1e-4)

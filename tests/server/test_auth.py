@@ -121,12 +121,15 @@ def test_a_request_without_a_caller_owns_nothing() -> None:
     client = TestClient(RequireApiKey(app, ApiKeyAuth(store, "required")))
     assert client.get("/healthz").status_code == client.head("/metrics").status_code == 200
     assert client.get("/api/v1/training_runs/x/checkpoints/a/b/archive?sig=1").status_code == 200
+    assert client.get("/api/v1/training_runs/x/checkpoints/external_weights/b/files/f?sig=1").status_code == 200
+    assert client.get("/api/v1/training_runs/x/checkpoints/weights/b/files/f?sig=1").status_code == 401
+    assert client.get("/api/v1/training_runs/x/checkpoints/external_weights/b/files/f/g?sig=1").status_code == 401
     assert client.get("/api/v1/healthz", headers={"X-API-Key": key}).status_code == 200
     assert client.get("/api/v1/training_runs/x/checkpoints/weights/healthz").status_code == 401
     assert client.get("/api/v1/training_runs/x/checkpoints/a/b/archive?xsig=1").status_code == 401
     assert client.post("/healthz").status_code == 401, "exemptions match the method too"
     assert client.get("/owned", headers={"X-API-Key": key}).status_code == 200
-    assert seen == [(None, False, False)] * 4 + [(record.key_id, True, False)]
+    assert seen == [(None, False, False)] * 5 + [(record.key_id, True, False)]
     assert (current_owner(), visible_to_caller(record.key_id), visible_to_caller("")) == (None, True, True)
 
 

@@ -88,7 +88,7 @@ OWNED: dict[tuple[str, str], Calls] = {
         Call(json={"model_id": i.model, "path": "x", "seq_id": 50}),
         Call(json={"model_id": i.model, "sampling_session_seq_id": 7, "seq_id": 50}),
     ],
-    ("POST", "/api/v1/save_weights_external"): _one(lambda i: {"model_id": i.model, "seq_id": 50}),
+    ("POST", "/api/v1/save_weights_external"): _one(lambda i: {"model_id": i.model, "path": "x", "seq_id": 50}),
     ("POST", "/api/v1/create_sampling_session"): lambda i: [
         Call(json={"session_id": i.session, "sampling_session_seq_id": 8, "base_model": BASE}),
         Call(json={"session_id": i.session, "sampling_session_seq_id": 8, "model_path": i.sampler_path}),
@@ -108,6 +108,8 @@ OWNED: dict[tuple[str, str], Calls] = {
         Call(params={"rest": "weights/ckpt/archive"}),
         Call(params={"rest": "weights/ckpt/archive"}, headers={"Accept": "application/json"}),
         Call(params={"rest": "weights/healthz/archive"}),
+        Call(params={"rest": "external_weights/ext/external_weights_urls"}),
+        Call(params={"rest": "external_weights/ext/files/adapter_config.json"}),
     ],
 }
 NEUTRAL: dict[tuple[str, str], Calls] = {
@@ -175,7 +177,13 @@ def world(make_client, engine, make_api, tmp_path: Path) -> Iterator[World]:
         session = api.session()
         model = api.model(session, rank=4)
         for seq_id, (route, name) in enumerate(
-            [("save_weights", "ckpt"), ("save_weights", "healthz"), ("save_weights_for_sampler", "smp")], start=1
+            [
+                ("save_weights", "ckpt"),
+                ("save_weights", "healthz"),
+                ("save_weights_external", "ext"),
+                ("save_weights_for_sampler", "smp"),
+            ],
+            start=1,
         ):
             future = api.post(route, {"model_id": model, "path": name, "seq_id": seq_id})["request_id"]
             api.result(future)
@@ -196,11 +204,13 @@ def assert_a_intact(world: World) -> None:
     assert client.get(f"/api/v1/training_runs/{ids.model}").status_code == 200
     assert client.get(f"/api/v1/samplers/{ids.sampler}").status_code == 200
     listed = client.get(f"/api/v1/training_runs/{ids.model}/checkpoints").json()["checkpoints"]
-    assert [c["checkpoint_id"] for c in listed] == ["weights/ckpt", "weights/healthz", "sampler_weights/smp"]
+    assert [c["checkpoint_id"] for c in listed] == [
+        "weights/ckpt", "weights/healthz", "external_weights/ext", "sampler_weights/smp"
+    ]
     assert not any(c.get("public") or c.get("expires_at") for c in listed)
     assert client.post("/api/v1/retrieve_future", json={"request_id": ids.future}).json()["path"] == ids.sampler_path
     assert [r.status_code for r in map(client.get, ["/api/v1/training_runs", "/api/v1/checkpoints"])] == [200, 200]
-    optim = {"model_id": ids.model, "seq_id": 4, "adam_params": {}}
+    optim = {"model_id": ids.model, "seq_id": 5, "adam_params": {}}
     future = client.post("/api/v1/optim_step", json=optim).json()["request_id"]
     assert client.post("/api/v1/retrieve_future", json={"request_id": future}).json()["metrics"] is not None
 

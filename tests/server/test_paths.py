@@ -20,6 +20,7 @@ def test_round_trip() -> None:
     assert ref.checkpoint_type == "sampler"
     assert ref.directory(Path("/root")) == Path(f"/root/{MODEL}/sampler_weights/step-1.final")
     assert parse_checkpoint_id(MODEL, "weights/ckpt-1") == CheckpointRef(MODEL, "weights", "ckpt-1")
+    assert parse_tinker_path(f"tinker://{MODEL}/external_weights/final").checkpoint_type == "external"
 
 
 @pytest.mark.parametrize(
@@ -37,7 +38,6 @@ def test_round_trip() -> None:
         "tinker://x%2F..%2F../weights/y",
         "tinker://x/weights/a\\b",
         "tinker://x/other/y",
-        "tinker://x/external_weights/y",
         "tinker://x/weights/ name",
         "file:///etc/passwd",
         "x/weights/y",

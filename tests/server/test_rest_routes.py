@@ -13,6 +13,7 @@ from tinker import types as T
 
 from server import checkpoint_files
 from server.paths import parse_tinker_path
+from server.url_signing import SECRET_FILE
 from tuft_jax.types import LoraConfig
 
 
@@ -230,8 +231,8 @@ def test_a_checkpoint_named_like_an_action(api, client: TestClient) -> None:
 
 def test_unsupported_checkpoint_actions(api, client: TestClient) -> None:
     _, model_id, _ = trained_run(api)
-    urls = _ckpt_url(model_id, "external_weights/x") + "/external_weights_urls"
-    assert client.get(urls).status_code == 400
+    assert client.get(_ckpt_url(model_id, "external_weights/x") + "/external_weights_urls").status_code == 404
+    assert client.get(_ckpt_url(model_id) + "/external_weights_urls").status_code == 400
     assert client.get(_ckpt_url(model_id) + "/nothing").status_code == 404
     assert client.put(_ckpt_url(model_id) + "/publish").status_code == 404
     assert client.get(_ckpt_url(model_id)).status_code == 404
@@ -254,11 +255,12 @@ BAD_PATHS = [
 def test_hostile_save_names_are_400(api, client: TestClient, tmp_path) -> None:
     model_id = api.model(api.session())
     for seq_id, name in enumerate(BAD_NAMES, start=1):
-        for endpoint in ("save_weights", "save_weights_for_sampler"):
+        for endpoint in ("save_weights", "save_weights_for_sampler", "save_weights_external"):
             body = {"model_id": model_id, "path": name, "seq_id": seq_id if endpoint == "save_weights" else None}
             response = client.post(f"/api/v1/{endpoint}", json={k: v for k, v in body.items() if v is not None})
             assert response.status_code == 400, (endpoint, name[:20], response.text)
-    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} <= {"tuft.db", "tuft.db-wal", "tuft.db-shm"}
+    state_files = {"tuft.db", "tuft.db-wal", "tuft.db-shm", SECRET_FILE}
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} <= state_files
     ok = api.post("save_weights", {"model_id": model_id, "path": "fine", "seq_id": len(BAD_NAMES) + 1})
     assert api.result(ok["request_id"])["path"].endswith("/weights/fine"), "rejected names consumed their seq_ids"
 

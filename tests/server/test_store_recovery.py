@@ -122,20 +122,20 @@ def test_failed_saves_leave_nothing_visible(engine, tmp_path: Path, monkeypatch:
     target = tmp_path / "m" / "sampler_weights" / "s"
     engine.fail_export = True
     with pytest.raises(OSError):
-        checkpoint_files.save(engine, slot, target, with_optimizer=False, peft=True, replace=False)
+        checkpoint_files.save(engine, slot, target, "sampler_weights", replace=False)
     assert list(target.parent.iterdir()) == []
 
     engine.fail_export = False
-    checkpoint_files.save(engine, slot, target, with_optimizer=False, peft=True, replace=False)
+    checkpoint_files.save(engine, slot, target, "sampler_weights", replace=False)
     before = json.loads((target / "adapter.json").read_text())
     engine.adapters[slot]["weight"] = 5.0
     engine.fail_export = True
     with pytest.raises(OSError):
-        checkpoint_files.save(engine, slot, target, with_optimizer=False, peft=True, replace=True)
+        checkpoint_files.save(engine, slot, target, "sampler_weights", replace=True)
     assert json.loads((target / "adapter.json").read_text()) == before, "the old checkpoint is intact"
     assert [p.name for p in target.parent.iterdir()] == ["s"]
     with pytest.raises(Exception, match="already exists"):
-        checkpoint_files.save(engine, slot, target, with_optimizer=False, peft=True, replace=False)
+        checkpoint_files.save(engine, slot, target, "sampler_weights", replace=False)
 
 
 def test_silent_sessions_expire_and_free_their_adapters(engine, make_client, make_api) -> None:

@@ -264,12 +264,14 @@ def test_permission_denied_names_the_checkpoint_and_leaves_nothing(api, client: 
     assert client.get("/api/v1/checkpoints").json()["checkpoints"] == []
 
 
-def test_save_weights_external_is_refused_but_consumes(api, client: TestClient) -> None:
+def test_encrypted_save_weights_external_is_refused_but_consumes(api, client: TestClient) -> None:
     model_id = api.model(api.session())
     later = api.post("optim_step", optim(model_id, 2))
-    refused = client.post("/api/v1/save_weights_external", json={"model_id": model_id, "path": "x", "seq_id": 1})
-    assert refused.status_code == 400
+    body = {"model_id": model_id, "path": "x", "seq_id": 1, "age_encryption_recipients": ["age1qqq"]}
+    refused = client.post("/api/v1/save_weights_external", json=body)
+    assert refused.status_code == 400 and "age_encryption_recipients" in refused.json()["detail"]
     assert "metrics" in api.result(later["request_id"])
+    assert client.get("/api/v1/checkpoints").json()["checkpoints"] == []
 
 
 def test_retrieve_future_answers_try_again_while_pending(api, client: TestClient, engine) -> None:
