@@ -20,7 +20,18 @@ from server.errors import EXCEPTION_HANDLERS, UnexpectedErrorMiddleware
 from server.futures import FutureRegistry
 from server.http import LimitBodySize
 from server import metrics
-from server.routes import api_key, bootstrap, copy_weights, futures, rest, sampling, sessions, training
+from server.routes import (
+    anthropic_compat,
+    api_key,
+    bootstrap,
+    copy_weights,
+    futures,
+    openai_compat,
+    rest,
+    sampling,
+    sessions,
+    training,
+)
 from server.sequencer import Sequencer
 from server.service import Service
 from server.session_trace import SessionTraces
@@ -96,6 +107,8 @@ def build_app(
             *copy_weights.routes,
             *api_key.routes,
             *metrics.routes,
+            *openai_compat.routes,
+            *anthropic_compat.routes,
         ],
         middleware=[
             Middleware(UnexpectedErrorMiddleware),
@@ -111,10 +124,11 @@ def build_app(
 
 
 def _body_limits(options: ServerOptions) -> Callable[[str], int]:
-    """Body limit by path: the two routes whose bodies carry token data, and the rest."""
+    """Body limit by path: the routes whose bodies carry token data or prompts, and the rest."""
     limits = {
         "/api/v1/forward_backward": options.max_forward_backward_bytes,
         "/api/v1/asample": options.max_sample_body_bytes,
+        **dict.fromkeys((*openai_compat.PROMPT_PATHS, *anthropic_compat.PROMPT_PATHS), options.max_sample_body_bytes),
     }
     return lambda path: limits.get(path, options.max_json_body_bytes)
 

@@ -1,6 +1,7 @@
 """API-key gate and the caller's identity.
 
-Every request except the few listed in `_PUBLIC` must carry `X-API-Key`; `ApiKeyAuth`
+Every request except the few listed in `_PUBLIC` must carry an API key, in `X-API-Key` (the
+Tinker and Anthropic clients) or as `Authorization: Bearer <key>` (the OpenAI client); `ApiKeyAuth`
 (server.api_keys) turns it into an owner or refuses it with a 401 JSON body. Exemptions
 match the method and the whole path exactly, so a checkpoint or run named `healthz` is
 never mistaken for a health check.
@@ -34,6 +35,8 @@ from server.errors import error_response
 from server.url_signing import SIGNED_PATHS
 
 _API_KEY_HEADER = b"x-api-key"
+_AUTHORIZATION_HEADER = b"authorization"
+_BEARER = b"bearer "
 _PUBLIC = frozenset({("GET", "/healthz"), ("GET", "/api/v1/healthz"), ("GET", "/metrics")})
 """(method, path) answered without a key: liveness probes and Prometheus scrapes. A HEAD
 counts as its GET, as the router treats it."""
@@ -75,11 +78,13 @@ class RequireApiKey:
         if scope["type"] != "http" or _exempt(scope):
             await self._as(Caller.ANONYMOUS, scope, receive, send)
             return
-        key = next((value for name, value in scope["headers"] if name == _API_KEY_HEADER), b"")
+        key = _api_key(scope)
         if not key:
-            await error_response(401, "missing X-API-Key header")(scope, receive, send)
+            await error_response(401, "missing API key: send an X-API-Key or an Authorization: Bearer header")(
+                scope, receive, send
+            )
             return
-        owner = self.keys.owner(key.decode("latin-1").strip())
+        owner = self.keys.owner(key.decode("latin-1"))
         if owner is None:
             await error_response(401, "invalid or revoked API key")(scope, receive, send)
             return
@@ -92,6 +97,16 @@ class RequireApiKey:
             await self.app(scope, receive, send)
         finally:
             _owner.reset(token)
+
+
+def _api_key(scope: Scope) -> bytes:
+    """`X-API-Key`, else the token of `Authorization: Bearer`; empty when neither is sent."""
+    headers = dict(scope["headers"])
+    key = headers.get(_API_KEY_HEADER, b"")
+    authorization = headers.get(_AUTHORIZATION_HEADER, b"")
+    if not key and authorization[: len(_BEARER)].lower() == _BEARER:
+        key = authorization[len(_BEARER) :]
+    return key.strip()
 
 
 def _exempt(scope: Scope) -> bool:

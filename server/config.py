@@ -38,6 +38,9 @@ class ServerOptions:
     max_queued_sample_rows: int = 4096
     """Samples (num_samples summed) per base model that may wait for a decode row; beyond it
     asample answers 429 and the SDK resubmits the same request a second later."""
+    max_checkpoint_adapters: int = 8
+    """Checkpoints named as `model` by the OpenAI- and Anthropic-compatible routes that stay
+    loaded between requests (per server; the least recently used are released beyond it)."""
     auth: AuthMode = "auto"
     """`auto`: registered API keys are enforced once any exists, else any `tml-` key works;
     `required`: only registered keys; `open`: any key (each key still its own tenant)."""

@@ -56,34 +56,30 @@ def error_response(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
 
-async def _api_error(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.detail)
+def describe_error(exc: Exception) -> tuple[int, str] | None:
+    """(status, detail) of a refusal the service answers as a client error; None for a bug.
+    The one mapping behind every error body, whatever shape a route family gives it."""
+    if isinstance(exc, ApiError):
+        return exc.status, exc.detail
+    if isinstance(exc, InputError):
+        return 400, str(exc)
+    if isinstance(exc, msgspec.DecodeError):
+        return 400, f"invalid request body: {exc}"
+    if isinstance(exc, CapacityError):
+        return 429, str(exc)
+    if isinstance(exc, HTTPException):
+        return exc.status_code, exc.detail
+    return None
 
 
-async def _input_error(_: Request, exc: Exception) -> Response:
-    return error_response(400, str(exc))
-
-
-async def _bad_json(_: Request, exc: Exception) -> Response:
-    return error_response(400, f"invalid request body: {exc}")
-
-
-async def _capacity_error(_: Request, exc: Exception) -> Response:
-    return error_response(429, str(exc))
-
-
-async def _http_exception(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    return error_response(exc.status_code, exc.detail)
+async def _described(_: Request, exc: Exception) -> Response:
+    described = describe_error(exc)
+    assert described is not None
+    return error_response(*described)
 
 
 EXCEPTION_HANDLERS: dict[type[Exception], ExceptionHandler] = {
-    ApiError: _api_error,
-    InputError: _input_error,
-    msgspec.DecodeError: _bad_json,
-    CapacityError: _capacity_error,
-    HTTPException: _http_exception,
+    kind: _described for kind in (ApiError, InputError, msgspec.DecodeError, CapacityError, HTTPException)
 }
 
 

@@ -13,6 +13,7 @@ from typing import TypeVar
 from starlette.requests import Request
 
 from server.auth import visible_to_caller
+from server.compat.checkpoint_adapters import CheckpointAdapters
 from server.config import ServerOptions
 from server.engine_api import EngineAPI
 from server.errors import NotFound
@@ -73,6 +74,8 @@ class Service:
     traces: SessionTraces = field(default_factory=SessionTraces)
     """What the sessions' requests did; the same object `futures` records into."""
     workers: dict[str, EngineWorker] = field(init=False)
+    checkpoint_adapters: CheckpointAdapters = field(init=False)
+    """Checkpoints loaded for the OpenAI- and Anthropic-compatible routes."""
     models: dict[str, LiveModel] = field(default_factory=dict)
     samplers: dict[str, LiveSampler] = field(default_factory=dict)
     _session_owners: dict[str, str] = field(default_factory=dict)
@@ -87,6 +90,7 @@ class Service:
             )
             for name, engine in self.engines.items()
         }
+        self.checkpoint_adapters = CheckpointAdapters(self.options.max_checkpoint_adapters, self.release_slot)
         for name, worker in self.workers.items():
             self.metrics.watch_queue(name, worker.queue_depth)
             self.metrics.watch_kv_cache(name, worker.engine.kv_cache_stats)
@@ -223,12 +227,12 @@ class Service:
             return
         for model in [m for m in self.models.values() if m.session_id == session_id]:
             self.forget_model(model.model_id, f"model {model.model_id!r} was released: its session ended")
-            self._release_slot(model.base_model, lambda m=model: m.slot)
+            self.release_slot(model.base_model, lambda m=model: m.slot)
         for sampler in [s for s in self.samplers.values() if s.session_id == session_id]:
             del self.samplers[sampler.sampler_id]
-            self._release_slot(sampler.base_model, lambda s=sampler: s.slot)
+            self.release_slot(sampler.base_model, lambda s=sampler: s.slot)
 
-    def _release_slot(self, base_model: str, slot: Callable[[], int | None]) -> None:
+    def release_slot(self, base_model: str, slot: Callable[[], int | None]) -> None:
         """Free a slot after the jobs already queued for it; `slot` is read on the worker thread."""
 
         def release(engine: EngineAPI) -> None:

@@ -44,6 +44,7 @@ class FakeEngine:
     def __init__(self, name: str = BASE_MODEL, max_adapters: int = 4, max_rank: int = 16) -> None:
         self.name = name
         self.tokenizer_path = f"/tokenizers/{name}"
+        self.vocab_size = VOCAB
         self.max_context_length = 64
         self.eos_token_id = 2
         self.max_adapters = max_adapters
@@ -78,7 +79,7 @@ class FakeEngine:
         for i, datum in enumerate(data):
             if "target_tokens" not in datum.loss_inputs:
                 raise InputError(f"datum {i}: missing target_tokens")
-            if datum.tokens.max() >= VOCAB:
+            if datum.tokens.max() >= self.vocab_size:
                 raise InputError(f"datum {i}: token id out of range")
         return {key: float(value) for key, value in loss_config.items()}
 
@@ -168,7 +169,7 @@ class FakeEngine:
         topk_prompt_logprobs: int = 0,
         topk_sample_logprobs: int = 0,
     ) -> None:
-        if prompt.max() >= VOCAB:
+        if prompt.max() >= self.vocab_size:
             raise InputError("prompt token id out of range")
         if prompt.size + params.max_tokens > self.max_context_length:
             raise InputError("prompt + max_tokens exceeds the context")
@@ -186,8 +187,8 @@ class FakeEngine:
         topk_prompt_logprobs: int,
         topk_sample_logprobs: int = 0,
     ) -> SampleResult:
-        """Counts up from the last prompt token (mod VOCAB), stopping at a stop token; each
-        token's top alternatives are itself and the tokens after it."""
+        """Counts up from the last prompt token (mod the vocabulary), stopping at a stop token;
+        each token's top alternatives are itself and the tokens after it."""
         self._wait()
         if slot != 0:
             self._adapter(slot)
@@ -197,12 +198,12 @@ class FakeEngine:
             token = int(prompt[-1])
             stop_reason = "length"
             while len(tokens) < params.max_tokens:
-                token = (token + 1) % VOCAB
+                token = (token + 1) % self.vocab_size
                 tokens.append(token)
                 if token in params.stop_token_ids:
                     stop_reason = "stop"
                     break
-            top = [[((t + i) % VOCAB, -0.5 - i) for i in range(topk_sample_logprobs)] for t in tokens]
+            top = [[((t + i) % self.vocab_size, -0.5 - i) for i in range(topk_sample_logprobs)] for t in tokens]
             sequences.append(
                 SampledSequence(
                     tokens=tokens,
@@ -263,6 +264,30 @@ FAST_OPTIONS = ServerOptions(future_hold_s=2.0, session_timeout_s=60.0, sweep_in
 @pytest.fixture
 def engine() -> FakeEngine:
     return FakeEngine()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in model's tokenizer (with its chat template), saved as a tokenizer directory."""
+    from tuft_jax.tiny_tokenizer import build_tiny_tokenizer
+
+    directory = tmp_path_factory.mktemp("tokenizer")
+    build_tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def text_engine(tiny_tokenizer_dir: Path) -> FakeEngine:
+    """The fake engine over the tiny tokenizer's vocabulary, for the routes that take text."""
+    from transformers import AutoTokenizer
+
+    engine = FakeEngine()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    engine.tokenizer_path = str(tiny_tokenizer_dir)
+    engine.vocab_size = len(tokenizer)
+    engine.eos_token_id = tokenizer.eos_token_id
+    engine.max_context_length = 256
+    return engine
 
 
 @pytest.fixture

@@ -61,6 +61,15 @@ def _one(body: Callable[[Ids], Any] | None = None) -> Calls:
 
 _PROMPT = {"prompt": {"chunks": [{"type": "encoded_text", "tokens": [1]}]}, "sampling_params": {"max_tokens": 1}}
 _RUNS = "/api/v1/training_runs/{run_id}"
+_CHAT = [{"role": "user", "content": "x"}]
+
+
+def _compat(**body: Any) -> Calls:
+    """A's sampler checkpoint as `model` of an OpenAI- or Anthropic-compatible call, alone and
+    after its base model."""
+    models = lambda ids: (ids.sampler_path, f"{BASE};{ids.sampler_path}")  # noqa: E731
+    return lambda ids: [Call(json={"model": model, **body}) for model in models(ids)]
+
 
 OWNED: dict[tuple[str, str], Calls] = {
     ("POST", "/api/v1/session_heartbeat"): _one(lambda i: {"session_id": i.session}),
@@ -111,6 +120,10 @@ OWNED: dict[tuple[str, str], Calls] = {
         Call(params={"rest": "external_weights/ext/external_weights_urls"}),
         Call(params={"rest": "external_weights/ext/files/adapter_config.json"}),
     ],
+    ("POST", "/oai/api/v1/completions"): _compat(prompt=[1], max_tokens=1),
+    ("POST", "/oai/api/v1/chat/completions"): _compat(messages=_CHAT, max_tokens=1),
+    ("POST", "/anthropic/api/v1/messages"): _compat(messages=_CHAT, max_tokens=1),
+    ("POST", "/anthropic/api/v1/messages/count_tokens"): _compat(messages=_CHAT),
 }
 NEUTRAL: dict[tuple[str, str], Calls] = {
     ("POST", "/api/v1/client/config"): _one(lambda i: {}),
@@ -124,6 +137,7 @@ NEUTRAL: dict[tuple[str, str], Calls] = {
     ("POST", "/api/v1/sessions/search"): lambda i: [Call(json={}), Call(json={"owner": {"type": "accessible"}})],
     ("GET", "/api/v1/auth/apikey/me"): _one(),
     ("DELETE", "/api/v1/auth/apikey/me"): _one(),
+    ("GET", "/oai/api/v1/models"): _one(),
 }
 
 _PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
