@@ -17,7 +17,7 @@ import shutil
 import tarfile
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -55,10 +55,16 @@ def save(engine: EngineAPI, slot: int, directory: Path, kind: CheckpointKind, *,
     checkpoint is kept."""
     if directory.exists() and not replace:
         raise InputError(f"checkpoint {directory.name!r} already exists")
+    return _build(directory, lambda pending: _write(engine, slot, pending, kind))
+
+
+def _build(directory: Path, write: Callable[[Path], object]) -> int:
+    """Fill a new pending directory with `write` and install it at `directory`; returns its
+    size. A filesystem failure raises CheckpointWriteError, the pending directory removed."""
     pending = directory.with_name(f"{_PENDING}{directory.name}-{uuid.uuid4().hex}")
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
-        _write(engine, slot, pending, kind)
+        write(pending)
         _install(pending, directory)
     except OSError as exc:
         raise CheckpointWriteError(_write_failure(directory, exc)) from exc
@@ -85,16 +91,7 @@ def link_copy(source: Path, directory: Path) -> int:
     its size. Its files are hard links to the source's (plain copies where the filesystem cannot
     link), so no bytes are duplicated, and deleting either checkpoint keeps the other whole:
     saves replace directories, never a file's contents."""
-    pending = directory.with_name(f"{_PENDING}{directory.name}-{uuid.uuid4().hex}")
-    try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(source, pending, copy_function=_link_or_copy)
-        _install(pending, directory)
-    except OSError as exc:
-        raise CheckpointWriteError(_write_failure(directory, exc)) from exc
-    finally:
-        shutil.rmtree(pending, ignore_errors=True)
-    return tree_size(directory)
+    return _build(directory, lambda pending: shutil.copytree(source, pending, copy_function=_link_or_copy))
 
 
 def _link_or_copy(source: str, target: str) -> None:
