@@ -20,7 +20,7 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 
 from server import checkpoint_files
 from server.auth import current_owner
-from server.errors import Forbidden, NotFound
+from server.errors import ApiError, Forbidden, NotFound
 from server.http import json_response
 from server.paths import CheckpointRef, validate_name
 from server.service import Service
@@ -64,20 +64,21 @@ def external_weights_file(request: Request, service: Service, ref: CheckpointRef
     """One file, for a valid signature (no API key) or for a caller who may read the checkpoint."""
     _require_external(ref, "a file download")
     validate_name(name)
-    if current_owner() is None:
-        if not service.url_signer.is_valid(_signed_path(ref, FILES, name), request.query_params):
-            raise Forbidden("this download URL is invalid or has expired; ask for new ones with external_weights_urls")
-        directory = _live_directory(service, ref)
-    else:
-        directory = service.checkpoint_directory(ref)
-    path = directory / name
+    refusal = Forbidden("this download URL is invalid or has expired; ask for new ones with external_weights_urls")
+    path = _directory(request, service, ref, _signed_path(ref, FILES, name), refusal) / name
     if path.is_symlink() or not path.is_file():
         raise NotFound(f"{ref.tinker_path} has no file {name!r}")
     return FileResponse(path, filename=name, stat_result=path.stat())
 
 
-def _live_directory(service: Service, ref: CheckpointRef) -> Path:
-    """The directory of a checkpoint that still exists and has not expired (for a signed request)."""
+def _directory(request: Request, service: Service, ref: CheckpointRef, signed_path: str, refusal: ApiError) -> Path:
+    """The checkpoint's directory for a caller who may read it, or for a request without a key
+    that carries a valid signature for `signed_path` (`refusal` if it does not), as long as the
+    checkpoint still exists and has not expired."""
+    if current_owner() is not None:
+        return service.checkpoint_directory(ref)
+    if not service.url_signer.is_valid(signed_path, request.query_params):
+        raise refusal
     record = service.store.get_checkpoint(ref)
     directory = ref.directory(service.checkpoint_dir)
     if record is None or record.expired(utc_now()) or not directory.is_dir():
@@ -92,16 +93,12 @@ def archive(request: Request, service: Service, ref: CheckpointRef) -> Response:
     `Accept: application/json` for `{"url", "expires"}` and then fetch the URL with a plain
     HTTP client, so they get a link signed for this path.
     """
-    if current_owner() is None:  # no API key: a signed link
-        if not service.url_signer.is_valid(_signed_path(ref, ARCHIVE), request.query_params):
-            raise NotFound("this download link is invalid or has expired")
-        directory = _live_directory(service, ref)
-    else:
-        directory = service.checkpoint_directory(ref)
-        if request.headers.get("accept") == "application/json":
-            expires = service.url_expiry()
-            link = service.signed_url(request, _signed_path(ref, ARCHIVE), expires)
-            return json_response({"url": link, "expires": datetime.fromtimestamp(expires, UTC)})
+    signed_path = _signed_path(ref, ARCHIVE)
+    directory = _directory(request, service, ref, signed_path, NotFound("this download link is invalid or has expired"))
+    if current_owner() is not None and request.headers.get("accept") == "application/json":
+        expires = service.url_expiry()
+        link = service.signed_url(request, signed_path, expires)
+        return json_response({"url": link, "expires": datetime.fromtimestamp(expires, UTC)})
     filename = f"{ref.model_id.replace(':', '_')}-{ref.kind}-{ref.name}.tar.gz"
     return StreamingResponse(
         checkpoint_files.archive_chunks(directory, ref.name),
