@@ -3,54 +3,25 @@
 One test function per subcommand (or small group of them), each asserting on the CLI's JSON
 output (`tinker --format json ...`) or on what it wrote. `trained` is one training run, made
 with the SDK under this module's API key, with a training and a sampler checkpoint; tests that
-change or delete a checkpoint save their own. To cover another subcommand (`checkpoint
-download`, `billing ...`), add a test function that calls `cli.run(...)` / `cli.json(...)`.
+change or delete a checkpoint save their own. To cover another subcommand (`billing ...`),
+add a test function that calls `cli.run(...)` / `cli.json(...)` (tests/e2e/tinker_cli.py);
+`checkpoint download` has its own module, test_cli_download.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 import tinker
 from tinker import types
+from tinker_cli import Cli
 
 BASE_MODEL = "tuft/tiny-qwen3"
-TINKER = Path(sys.executable).with_name("tinker")
-"""The console script installed with the SDK, next to this interpreter."""
-
-
-@dataclass(frozen=True)
-class Cli:
-    base_url: str
-    api_key: str
-    home: Path
-    """HOME of the CLI: where `tinker auth login` stores its credentials."""
-
-    def run(self, *args: str, stdin: str | None = None, with_key: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run `tinker ARGS` (with TINKER_API_KEY unless `with_key` is false); it must succeed."""
-        env = {**os.environ, "HOME": str(self.home), "TINKER_BASE_URL": self.base_url, "TINKER_TELEMETRY": "0"}
-        env.pop("TINKER_API_KEY", None)
-        if with_key:
-            env["TINKER_API_KEY"] = self.api_key
-        done = subprocess.run(
-            [str(TINKER), *args], input=stdin, capture_output=True, text=True, env=env, cwd=self.home, timeout=120
-        )
-        assert done.returncode == 0, f"tinker {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-        return done
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self.run("--format", "json", *args).stdout)
-
-
 @dataclass(frozen=True)
 class Trained:
     training: tinker.TrainingClient

@@ -10,9 +10,6 @@ server's `compute_logprobs` to 1e-4.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,7 @@ import pytest
 import tinker
 from peft_check import peft_logprobs
 from tinker import types
+from tinker_cli import Cli
 from transformers import AutoTokenizer
 
 BASE_MODEL = "tuft/tiny-qwen3"
@@ -54,14 +52,8 @@ def trained(service: tinker.ServiceClient) -> dict:
 
 
 def download(server_url: str, tinker_path: str, output: Path) -> Path:
-    """Run the CLI as a user would (base URL and key from the environment); returns the directory it filled."""
-    env = {**os.environ, "TINKER_BASE_URL": server_url, "TINKER_API_KEY": API_KEY, "TINKER_TELEMETRY": "0"}
-    command = [str(Path(sys.executable).with_name("tinker")), "--format", "json", "checkpoint", "download", tinker_path]
-    result = subprocess.run(
-        [*command, "--output", str(output)], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(result.stdout)
+    """Run the CLI as a user would; returns the directory it filled."""
+    report = Cli(server_url, API_KEY, output).json("checkpoint", "download", tinker_path, "--output", str(output))
     destination = Path(report["destination"])
     assert destination == output / tinker_path.removeprefix("tinker://").replace("/", "_")
     assert sorted(p.name for p in destination.iterdir()) == FILES
