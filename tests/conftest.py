@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tuft_jax.builtin_model import build_tiny_hf_checkpoint  # noqa: E402
 
 TinyCheckpoint = Callable[..., Path]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Drops every compiled program after each test module.
+
+    XLA:CPU maps each compiled program's code into the process. Over the whole suite in one
+    process the mappings passed `vm.max_map_count` (65530), and a later compile crashed in LLVM
+    (SIGSEGV or SIGABRT) at whichever test came next. Clearing per module keeps the count bounded.
+    """
+    yield
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")
