@@ -43,7 +43,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
     built: dict[tuple, Path] = {}
 
     def build(family: str = "qwen3", tie: bool = False, seed: int = 0, **overrides: Any) -> Path:
-        key = (family, tie, seed, tuple(sorted(overrides.items())))
+        key = (family, tie, seed, repr(sorted(overrides.items())))
         if key not in built:
             name = f"{family}-{'tied' if tie else 'untied'}-seed{seed}"
             out = tmp_path_factory.mktemp(name)

@@ -18,6 +18,7 @@ import numpy as np
 from safetensors.numpy import save_file
 from transformers import GptOssConfig, LlamaConfig, PretrainedConfig, Qwen3Config, Qwen3MoeConfig
 
+from tuft_jax.models import qwen3_moe
 from tuft_jax.tiny_tokenizer import build_tiny_tokenizer
 
 BUILTIN_MODEL_NAME = "tuft/tiny-qwen3"
@@ -115,6 +116,7 @@ def _tensor_shapes(config: PretrainedConfig, family: CheckpointFamily) -> dict[s
     h, hd, inter = config.hidden_size, config.head_dim, config.intermediate_size
     q_dim, kv_dim = config.num_attention_heads * hd, config.num_key_value_heads * hd
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h)}
+    dense_mlp = qwen3_moe.dense_mlp_layers(config.to_dict()) if family == "qwen3_moe" else ()
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         shapes[p + "input_layernorm.weight"] = (h,)
@@ -130,7 +132,7 @@ def _tensor_shapes(config: PretrainedConfig, family: CheckpointFamily) -> dict[s
             shapes[p + "self_attn.q_norm.weight"] = (hd,)
             shapes[p + "self_attn.k_norm.weight"] = (hd,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
-        if family == "qwen3_moe":  # the published per-expert layout
+        if family == "qwen3_moe" and i not in dense_mlp:  # the published per-expert layout
             shapes[p + "mlp.gate.weight"] = (config.num_experts, h)
             for e in range(config.num_experts):
                 shapes[p + f"mlp.experts.{e}.gate_proj.weight"] = (config.moe_intermediate_size, h)

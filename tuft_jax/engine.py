@@ -30,7 +30,7 @@ from tuft_jax.kv_blocks import blocks_for
 from tuft_jax.layers import LoraForm
 from tuft_jax.multihost import Broadcaster, collective, to_host
 from tuft_jax.model_registry import BaseModelSpec
-from tuft_jax.models.decoder import LoraShape
+from tuft_jax.models.decoder import LoraShape, layer_layout
 from tuft_jax.models.hf_weights import load_causal_lm
 from tuft_jax.optimizer import adamw_step, init_optimizer_state
 from tuft_jax.paged_attention import block_bytes
@@ -101,6 +101,7 @@ class Engine:
         dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
         lora_shape = LoraShape(self.slots.num_slots, spec.max_lora_rank)
         self.graphdef, self.base, self.lora, self.config = load_causal_lm(spec.path, lora_shape, dtype, self.mesh)
+        self.layout = layer_layout(self.config)
         experts, ep = (self.config.moe.num_experts if self.config.moe else None), self.mesh.shape["ep"]
         if ep > 1 and (experts is None or experts % ep):
             raise ValueError(
@@ -478,7 +479,7 @@ class Engine:
         config, _, tree = self._adapter_state(adapter, with_optimizer=False)
         flat = nnx.to_flat_state(self.lora)
         lora = {path: value for (path, _), value in zip(flat, jax.tree.leaves(tree["lora"]), strict=True)}
-        return peft_export.write_peft_adapter(directory, layer_stack.unstack(lora), config, adapters.LORA_ALPHA, self.name)
+        return peft_export.write_peft_adapter(directory, layer_stack.unstack(lora, self.layout), config, adapters.LORA_ALPHA, self.name)
 
     # ---- sampling -------------------------------------------------------------------------
 

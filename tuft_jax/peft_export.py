@@ -11,7 +11,10 @@ MoE experts (`tuft_jax.moe`) are exported as PEFT's LoRA on raw parameters (`tar
 [e r, (e + 1) r) and lora_B.weight columns e + E j (rank j), and our shared factor is repeated
 for every expert. PEFT wraps the two parameters of `mlp.experts` one inside the other in
 registration order, so gate/up's tensors are under `experts.base_layer.` and down's under
-`experts.`. Such adapters are written, not read back (`target_parameters` is refused on read).
+`experts.`. PEFT reads `gate_proj`/`up_proj`/`down_proj` module targets of a MoE model as its
+experts, so the projections of a MoE model's dense-MLP layers are named as parameters too
+(`mlp.gate_proj.weight`; their tensors are a plain LoRA's). Such adapters are written, not read
+back (`target_parameters` is refused on read).
 """
 
 from __future__ import annotations
@@ -116,6 +119,9 @@ def write_peft_adapter(
         tensors[peft_key(path)] = np.ascontiguousarray(weight)
     dense = {name for path in lora if not _is_expert_lora(path) for name in map(str, path)}
     modules = [name for group in GROUP_MODULES if group in groups for name in GROUP_MODULES[group] if name in dense]
+    parameters = [*EXPERT_PARAMETERS, *(f"mlp.{name}.weight" for name in modules if name in GROUP_MODULES["mlp"])]
+    if experts:
+        modules = [name for name in modules if name not in GROUP_MODULES["mlp"]]
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -123,7 +129,7 @@ def write_peft_adapter(
         "r": rank,
         "lora_alpha": alpha,
         "target_modules": modules,
-        **({"target_parameters": list(EXPERT_PARAMETERS)} if experts else {}),
+        **({"target_parameters": parameters} if experts else {}),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,

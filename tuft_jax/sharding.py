@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from tuft_jax.layer_stack import STACK
+from tuft_jax.layer_stack import STACKS
 
 MESH_AXES = ("fsdp", "ep", "tp")
 EXPERT_AXIS = "ep"
@@ -73,7 +73,7 @@ def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
     expert kernels, and the per-expert factor of an expert LoRA, have an `experts` axis next."""
     names = [str(p) for p in path]
     owner = next((n for n in reversed(names) if n in _PROJECTION_AXES), None)
-    layer: tuple[str, ...] = ("layers",) if STACK in names else ()
+    layer: tuple[str, ...] = ("layers",) if any(n in STACKS for n in names) else ()
     if "embed_tokens" in names:
         axes: tuple[str | None, ...] = ("vocab", "embed")
     elif owner is None:

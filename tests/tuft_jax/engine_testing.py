@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from tuft_jax import layer_stack
+from tuft_jax.layer_stack import LayerLayout
 from tuft_jax.engine import Engine
 from tuft_jax.types import Datum
 
@@ -37,10 +38,17 @@ def leaf_key(path: tuple) -> str:
     return ".".join(str(part) for part in path)
 
 
-def slot_arrays(state: nnx.State, slot: int) -> dict[str, np.ndarray]:
-    """One slot of every slot-stacked leaf, one entry per layer, keyed by `leaf_key`."""
+def slot_arrays(state: nnx.State, slot: int, layout: LayerLayout | None = None) -> dict[str, np.ndarray]:
+    """One slot of every slot-stacked leaf, one entry per layer, keyed by `leaf_key`; `layout`
+    (the engine's) may be left out for a model of one layer stack."""
     one_slot = {path: np.array(var[...][slot]) for path, var in nnx.to_flat_state(state)}
-    return {leaf_key(path): value for path, value in layer_stack.unstack(one_slot).items()}
+    return {leaf_key(path): value for path, value in layer_stack.unstack(one_slot, layout or _one_stack(one_slot)).items()}
+
+
+def _one_stack(one_slot: dict[tuple, np.ndarray]) -> LayerLayout:
+    layers = {value.shape[0] for path, value in one_slot.items() if layer_stack.STACK in map(str, path)}
+    assert len(layers) == 1 and not any(layer_stack.DENSE_MLP_STACK in map(str, p) for p in one_slot), "pass the layout"
+    return LayerLayout.of(layers.pop())
 
 
 def tree_slot(tree, slot: int) -> list[np.ndarray]:
@@ -50,8 +58,8 @@ def tree_slot(tree, slot: int) -> list[np.ndarray]:
 
 def set_slot(engine: Engine, slot: int, arrays: dict[str, np.ndarray]) -> None:
     flat = nnx.to_flat_state(engine.lora)
-    by_path = {p: arrays[leaf_key(p)] for path, var in flat for p in layer_stack.layer_paths(path, var.shape[1])}
-    values = layer_stack.stack(by_path, [path for path, _ in flat])
+    by_path = {p: arrays[leaf_key(p)] for path, _ in flat for p in layer_stack.layer_paths(path, engine.layout)}
+    values = layer_stack.stack(by_path, [path for path, _ in flat], engine.layout)
     engine.lora = nnx.from_flat_state([(path, var.replace(var[...].at[slot].set(values[path]))) for path, var in flat])
 
 
@@ -63,7 +71,7 @@ def random_lora(engine: Engine, rank: int, seed: int, b_std: float = 0.05) -> di
     """
     rng = np.random.default_rng(seed)
     arrays = {}
-    for key, value in slot_arrays(engine.lora, 0).items():
+    for key, value in slot_arrays(engine.lora, 0, engine.layout).items():
         x = np.zeros_like(value)  # A [..., in, r_max], B [..., r_max, out] (MoE experts lead with E)
         if key.endswith("lora_a"):
             x[..., :rank] = rng.standard_normal((*x.shape[:-1], rank)) / np.sqrt(x.shape[-2])

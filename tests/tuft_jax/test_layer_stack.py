@@ -7,7 +7,7 @@ import numpy as np
 from engine_testing import assert_close_rel, random_lora, set_slot, slot_arrays
 
 from tuft_jax.batching import build_train_batch
-from tuft_jax.layer_stack import layer_paths, stack, unstack
+from tuft_jax.layer_stack import LayerLayout, Run, layer_paths, stack, unstack
 from tuft_jax.train_step import BatchArrays, forward_backward
 from tuft_jax.types import Datum, LoraConfig
 
@@ -17,14 +17,33 @@ def test_unstack_names_every_layer_and_stack_inverts_it() -> None:
         ("model", "layers", "mlp", "up_proj", "weight"): np.arange(12 * 2 * 3).reshape(12, 2, 3),
         ("lm_head", "weight"): np.ones((2, 2)),
     }
-    flat = unstack(stacked)
+    layout = LayerLayout.of(12)
+    flat = unstack(stacked, layout)
     assert len(flat) == 13
     np.testing.assert_array_equal(flat[("model", "layers", 11, "mlp", "up_proj", "weight")], stacked[next(iter(stacked))][11])
-    assert layer_paths(("model", "layers", "mlp", "up_proj", "weight"), 2) == [
+    assert layer_paths(("model", "layers", "mlp", "up_proj", "weight"), LayerLayout.of(2)) == [
         ("model", "layers", 0, "mlp", "up_proj", "weight"),
         ("model", "layers", 1, "mlp", "up_proj", "weight"),
     ]
-    back = stack(flat, list(stacked))
+    back = stack(flat, list(stacked), layout)
+    for path, value in stacked.items():
+        np.testing.assert_array_equal(back[path], value)
+
+
+def test_a_second_stack_keeps_model_layer_names_and_runs_in_model_order() -> None:
+    """Layers 0 and 3 of 5 in the dense-MLP stack: HF names by model layer, and the scan runs
+    alternate between the stacks in model order."""
+    layout = LayerLayout.of(5, dense_mlp_layers=(3, 0))
+    assert layout.runs() == [Run("dense_layers", 0, 1, 0), Run("layers", 0, 2, 1), Run("dense_layers", 1, 2, 3), Run("layers", 2, 3, 4)]
+    stacked = {
+        ("model", "layers", "mlp", "experts", "down_proj"): np.arange(3)[:, None] + np.zeros((3, 2)),
+        ("model", "dense_layers", "mlp", "down_proj", "kernel"): 10 + np.arange(2)[:, None] + np.zeros((2, 2)),
+    }
+    flat = unstack(stacked, layout)
+    assert {path[2] for path in flat if path[3] == "mlp" and path[4] == "experts"} == {1, 2, 4}
+    assert flat[("model", "layers", 3, "mlp", "down_proj", "kernel")][0] == 11
+    assert flat[("model", "layers", 4, "mlp", "experts", "down_proj")][0] == 2
+    back = stack(flat, list(stacked), layout)
     for path, value in stacked.items():
         np.testing.assert_array_equal(back[path], value)
 

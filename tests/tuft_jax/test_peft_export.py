@@ -37,7 +37,7 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 def template(engine: Engine) -> dict[tuple, tuple[int, ...]]:
     """One slot's leaf shapes, one entry per layer (PEFT's names are per layer)."""
     one_slot = {path: var[...][0] for path, var in nnx.to_flat_state(engine.lora)}
-    return {path: value.shape for path, value in layer_stack.unstack(one_slot).items()}
+    return {path: value.shape for path, value in layer_stack.unstack(one_slot, engine.layout).items()}
 
 
 def engine_logprobs(engine: Engine, slot: int) -> list[np.ndarray]:

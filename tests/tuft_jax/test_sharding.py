@@ -1,7 +1,8 @@
 """Training and sampling on a mesh of 8 simulated CPU devices give the same losses, LoRA weights
 and samples as one device, and each device holds an eighth of the KV pool (heads over tp=2,
 blocks over fsdp=4); for a Qwen3-MoE and a gpt-oss too, whose experts are split over fsdp and
-whose tokens each device routes itself (gpt-oss: with attention sinks split over tp).
+whose tokens each device routes itself (gpt-oss: with attention sinks split over tp; the
+Qwen3-MoE keeps a dense MLP in its middle layer, a second layer stack).
 
 XLA's device count is fixed when JAX starts, so the comparison runs in a child process that
 sets `--xla_force_host_platform_device_count=8` and trains the same adapter on a 1-device and
@@ -65,7 +66,8 @@ def _train(mesh_devices: int, tp: int, ep: int, model_dir: Path) -> dict:
 def test_eight_device_mesh_matches_one_device(tmp_path: Path, family: str) -> None:
     from tuft_jax.builtin_model import build_tiny_hf_checkpoint
 
-    model_dir = build_tiny_hf_checkpoint(tmp_path / family, family, seed=0)  # type: ignore[arg-type]
+    overrides = {"num_hidden_layers": 3, "mlp_only_layers": [1]} if family == "qwen3_moe" else {}
+    model_dir = build_tiny_hf_checkpoint(tmp_path / family, family, seed=0, **overrides)  # type: ignore[arg-type]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     ep = 1 if family == "qwen3" else 2  # MoE: experts over ep=2, with fsdp=2 and tp=2
     out = subprocess.run(

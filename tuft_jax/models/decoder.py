@@ -3,7 +3,8 @@ multi-slot LoRA.
 
 Module and attribute names follow the Hugging Face layout (`model.layers.N.self_attn.q_proj`),
 so a parameter's path is its safetensors key once `layer_stack.unstack` gives each layer its
-index; projection kernels are stored [in, out]. The layers are one stacked module, scanned.
+index; projection kernels are stored [in, out]. The layers are stacked modules, scanned: one
+stack, or for a MoE model that keeps dense MLPs in some layers, a second one of those layers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tuft_jax.attention import attention
-from tuft_jax.layer_stack import scan_layers, stacked
+from tuft_jax.layer_stack import DENSE_MLP_STACK, STACK, LayerLayout, scan_layers, stacked
 from tuft_jax.layers import AdapterBatch, LoraDelta, LoraLinear, RMSNorm, apply_rope
 from tuft_jax.models import gpt_oss, qwen3_moe
 from tuft_jax.moe import MoeConfig
@@ -70,7 +71,9 @@ class DecoderConfig:
     eos_token_ids: tuple[int, ...] = ()
     rope_scaling: Llama3RopeScaling | YarnRopeScaling | None = None
     moe: MoeConfig | None = None
-    """Set for MoE families: every layer's MLP is a sparse MoE block."""
+    """Set for MoE families: each layer's MLP is a sparse MoE block, except `dense_mlp_layers`'."""
+    dense_mlp_layers: tuple[int, ...] = ()
+    """The layers of a MoE model that keep a dense MLP (Qwen3-MoE's `mlp_only_layers`)."""
     attention_bias: bool = False
     attention_sinks: bool = False
     """One learned logit per head that joins each query's softmax (gpt-oss)."""
@@ -84,6 +87,10 @@ class LoraShape:
 
     slots: int
     max_rank: int
+
+
+def layer_layout(config: DecoderConfig) -> LayerLayout:
+    return LayerLayout.of(config.num_layers, config.dense_mlp_layers)
 
 
 def rope_frequencies(config: DecoderConfig) -> jax.Array:
@@ -179,11 +186,11 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: DecoderConfig, lora: LoraShape, dtype: jnp.dtype) -> None:
+    def __init__(self, config: DecoderConfig, lora: LoraShape, dtype: jnp.dtype, dense_mlp: bool) -> None:
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.self_attn = Attention(config, lora, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        if config.moe is None:
+        if dense_mlp or config.moe is None:
             self.mlp: MLP | qwen3_moe.SparseMoeBlock | gpt_oss.MoeBlock = MLP(config, lora, dtype)
         else:
             block = MOE_BLOCKS[config.moe.family]
@@ -217,8 +224,16 @@ class Embedding(nnx.Module):
 class DecoderStack(nnx.Module):
     def __init__(self, config: DecoderConfig, lora: LoraShape, dtype: jnp.dtype) -> None:
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
-        self.layers = stacked(lambda: DecoderLayer(config, lora, dtype), config.num_layers)
+        layout = layer_layout(config)
+        self.layers = stacked(lambda: DecoderLayer(config, lora, dtype, dense_mlp=False), len(layout.layers(STACK)))
+        if config.dense_mlp_layers:
+            dense = len(layout.layers(DENSE_MLP_STACK))
+            self.dense_layers = stacked(lambda: DecoderLayer(config, lora, dtype, dense_mlp=True), dense)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.layout = layout
+
+    def stacks(self) -> dict[str, nnx.Module]:
+        return {name: getattr(self, name) for name, _ in self.layout.stacks}
 
 
 VOCAB_TILE = 16384
@@ -291,7 +306,7 @@ class CausalLM(nnx.Module):
             return layer(x, positions, inv_freq, adapters, cache, segments, mesh, window)
 
         x = self.model.embed_tokens(tokens)
-        x, cache = scan_layers(self.model.layers, step, x, adapters, cache, remat)
+        x, cache = scan_layers(self.model.stacks(), self.model.layout, step, x, adapters, cache, remat)
         return self.model.norm(x), cache
 
     def logits(self, hidden: jax.Array, adapters: AdapterBatch) -> jax.Array:

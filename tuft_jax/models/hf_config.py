@@ -33,11 +33,15 @@ def config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
         raise ValueError(f"{model_type} checkpoints with attention or MLP biases are not supported")
     heads = int(hf["num_attention_heads"])
     moe = {qwen3_moe.MODEL_TYPE: qwen3_moe.moe_config_from_hf, gpt_oss.MODEL_TYPE: gpt_oss.moe_config_from_hf}.get(model_type)
+    layers = int(hf["num_hidden_layers"])
+    dense = qwen3_moe.dense_mlp_layers(hf) if model_type == qwen3_moe.MODEL_TYPE else ()
+    if len(dense) == layers:  # no sparse layer: a dense decoder
+        moe, dense = None, ()
     return DecoderConfig(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
         intermediate_size=int(hf["intermediate_size"]),
-        num_layers=int(hf["num_hidden_layers"]),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
         head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
@@ -49,6 +53,7 @@ def config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
         max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
         eos_token_ids=_eos_token_ids(hf),
         moe=None if moe is None else moe(hf),
+        dense_mlp_layers=dense,
         attention_bias=gpt and bool(hf.get("attention_bias", True)),
         attention_sinks=gpt,
         layer_windows=gpt_oss.layer_windows(hf) if gpt else None,

@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from tuft_jax.layer_stack import layer_paths
 from tuft_jax.stored_dtype import stored_dtype
-from tuft_jax.models.decoder import CausalLM, DecoderConfig, LoraShape
+from tuft_jax.models.decoder import CausalLM, DecoderConfig, LoraShape, layer_layout
 from tuft_jax.models import gpt_oss, qwen3_moe
 from tuft_jax.models.hf_config import load_decoder_config
 from tuft_jax.sharding import param_sharding
@@ -80,9 +80,10 @@ def load_causal_lm(
             return expert_tensor(prefix, name, config.moe.num_experts, read, files.__contains__)
         return read(key).T if is_projection(path) else read(key)
 
+    layout = layer_layout(config)
     base_leaves = []
     for path, var in nnx.to_flat_state(base_abstract):
-        paths = layer_paths(path, config.num_layers)
+        paths = layer_paths(path, layout)
         tensor = tensor_of(path) if paths == [path] else np.stack([tensor_of(p) for p in paths])
         if tensor.shape != var.shape:
             raise ValueError(f"{model_dir}: {hf_key(paths[0])} has shape {tensor.shape}, expected {var.shape}")

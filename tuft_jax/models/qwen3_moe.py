@@ -4,8 +4,9 @@ The block routes each token by a softmax over all experts, keeps the top `num_ex
 (renormalised when `norm_topk_prob`), and runs SwiGLU experts (`tuft_jax.moe`). Published
 checkpoints store each expert's projections apart (`mlp.experts.3.gate_proj.weight`, [I, D]);
 transformers 5 holds them fused in memory (`mlp.experts.gate_up_proj` [E, 2I, D], gate first,
-and `down_proj` [E, D, I]). Both load. Layers that keep a dense MLP (`mlp_only_layers`, or
-`decoder_sparse_step` > 1) are refused: the layers run as one scanned stack of equal layers.
+and `down_proj` [E, D, I]). Both load. Layers that keep a dense SwiGLU MLP of
+`intermediate_size` (`mlp_only_layers`, and with `decoder_sparse_step` s all but every s-th
+layer) are the decoder's `dense_mlp_layers`, held in a stack of their own (`layer_stack`).
 """
 
 from __future__ import annotations
@@ -25,15 +26,19 @@ from tuft_jax.moe import Experts, MoeConfig, Router, per_device, softmax_top_k
 MODEL_TYPE = "qwen3_moe"
 
 
-def moe_config_from_hf(hf: dict[str, Any]) -> MoeConfig:
+def dense_mlp_layers(hf: dict[str, Any]) -> tuple[int, ...]:
+    """The layers transformers builds with a dense MLP (`Qwen3MoeDecoderLayer`'s rule)."""
     layers = int(hf["num_hidden_layers"])
     step = int(hf.get("decoder_sparse_step", 1))
-    dense = sorted(set(hf.get("mlp_only_layers") or []) | {i for i in range(layers) if (i + 1) % step})
-    if dense:
-        raise ValueError(
-            f"{MODEL_TYPE}: layers {dense} keep a dense MLP (mlp_only_layers / decoder_sparse_step); "
-            "only all-MoE stacks are supported"
-        )
+    only = hf.get("mlp_only_layers") or []
+    if step < 1:
+        raise ValueError(f"{MODEL_TYPE}: decoder_sparse_step must be >= 1, got {step}")
+    experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
+    sparse = {i for i in range(layers) if i not in only and experts > 0 and (i + 1) % step == 0}
+    return tuple(i for i in range(layers) if i not in sparse)
+
+
+def moe_config_from_hf(hf: dict[str, Any]) -> MoeConfig:
     return MoeConfig(
         num_experts=int(hf.get("num_experts") or hf["num_local_experts"]),
         experts_per_token=int(hf["num_experts_per_tok"]),

@@ -1,4 +1,4 @@
-"""Qwen3-MoE specifics: both checkpoint layouts load alike, and dense-MLP layers are refused.
+"""Qwen3-MoE specifics: both checkpoint layouts load alike, and the layers that keep a dense MLP.
 The behaviour it shares with gpt-oss is tested in `test_moe_families.py`."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from tuft_jax.models.decoder import LoraShape
 from tuft_jax.models.hf_config import config_from_hf
@@ -41,8 +42,20 @@ def test_fused_transformers5_layout_loads_like_the_published_one(tiny_checkpoint
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
 
 
-@pytest.mark.parametrize("dense", [{"mlp_only_layers": [1]}, {"decoder_sparse_step": 2}], ids=["mlp_only_layers", "sparse_step"])
-def test_layers_with_a_dense_mlp_are_refused(tiny_checkpoint, dense: dict) -> None:
-    config = json.loads((tiny_checkpoint(FAMILY, False, seed=1) / "config.json").read_text()) | dense
-    with pytest.raises(ValueError, match="keep a dense MLP"):
-        config_from_hf(config)
+@pytest.mark.parametrize(
+    "dense", [{"mlp_only_layers": [1]}, {"decoder_sparse_step": 2}, {"decoder_sparse_step": 3, "mlp_only_layers": [5]}]
+)
+def test_dense_mlp_layers_are_the_ones_transformers_builds(dense: dict) -> None:
+    hf = Qwen3MoeConfig(num_hidden_layers=6, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_experts=4,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=64, **dense)  # fmt: skip
+    model = Qwen3MoeForCausalLM(hf)
+    built = tuple(i for i, layer in enumerate(model.model.layers) if not hasattr(layer.mlp, "experts"))
+    config = config_from_hf(hf.to_dict())
+    assert config.dense_mlp_layers == built and built
+    assert config.moe is not None
+
+
+def test_a_config_without_sparse_layers_is_a_dense_decoder(tiny_checkpoint) -> None:
+    config = json.loads((tiny_checkpoint(FAMILY, False, seed=1) / "config.json").read_text()) | {"decoder_sparse_step": 3}
+    decoder = config_from_hf(config)  # 2 layers, neither a multiple of 3
+    assert decoder.moe is None and decoder.dense_mlp_layers == ()
