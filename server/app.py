@@ -21,6 +21,7 @@ from server.futures import FutureRegistry
 from server.http import LimitBodySize
 from server import metrics
 from server.routes import (
+    admin,
     anthropic_compat,
     api_key,
     bootstrap,
@@ -106,6 +107,7 @@ def build_app(
             *rest.routes,
             *copy_weights.routes,
             *api_key.routes,
+            *admin.routes,
             *metrics.routes,
             *openai_compat.routes,
             *anthropic_compat.routes,

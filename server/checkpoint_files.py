@@ -140,7 +140,7 @@ def delete_expired(store: Store, root: Path, now: datetime) -> int:
         except OSError:
             logger.exception("deleting expired checkpoint %s failed", record.ref.tinker_path)
             continue
-        store.delete_checkpoint(record.ref)
+        store.delete_checkpoint(record.ref, reason="expired")
         logger.info("deleted expired checkpoint %s", record.ref.tinker_path)
         count += 1
     return count
@@ -184,7 +184,7 @@ def recover(store: Store, root: Path) -> None:
     recorded = {record.ref for record in store.list_checkpoints().items}
     for ref in recorded - on_disk:
         logger.warning("checkpoint %s has no files any more; forgetting it", ref.tinker_path)
-        store.delete_checkpoint(ref)
+        store.delete_checkpoint(ref, reason="files_missing")
     for ref in on_disk - recorded:
         run = store.get_training_run(ref.model_id)
         directory = ref.directory(root)

@@ -1,9 +1,10 @@
 """`tuft` console script: serve the Tinker API, and manage API keys.
 
     tuft [serve] [--port 8080] [--checkpoint-dir DIR] [--db URL] [--auth auto|required|open] [--public-url URL] ...
-    tuft api-key create --name NAME [--db URL | --checkpoint-dir DIR]
+    tuft api-key create --name NAME [--max-runs N] [--tokens-per-day N] [--db URL | --checkpoint-dir DIR]
     tuft api-key list    [--db URL | --checkpoint-dir DIR]
     tuft api-key revoke KEY_ID [--db URL | --checkpoint-dir DIR]
+    tuft api-key quota KEY_ID [--max-runs N|none] [--tokens-per-day N|none] [--db URL | --checkpoint-dir DIR]
 
 Metadata (sessions, runs, checkpoints, keys, request status) lives in the database given by
 `--db`: `sqlite:///relative.db`, `sqlite:////absolute/path.db` or `postgresql://...` (needs
@@ -20,8 +21,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
+
+if TYPE_CHECKING:
+    from server.store import Quota
 
 DEFAULT_CACHE_DIR = Path("~/.cache/tuft")
 DEFAULT_CHECKPOINT_DIR = DEFAULT_CACHE_DIR / "checkpoints"
@@ -149,19 +154,52 @@ class _Server(uvicorn.Server):
         asyncio.get_running_loop().call_soon_threadsafe(self._on_exit)
 
 
+def _limit(text: str) -> int | None:
+    """A quota value: a positive integer, or `none` for no limit."""
+    if text.lower() == "none":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}")
+    return int(text)
+
+
+def _add_quota_args(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "--max-runs", type=_limit, default=default, metavar="N|none", help="training runs the key may have at once"
+    )
+    parser.add_argument(
+        "--tokens-per-day",
+        type=_limit,
+        default=default,
+        metavar="N|none",
+        help="training + prompt + sampled tokens per UTC day",
+    )
+
+
+def _quota_text(quota: Quota) -> str:
+    runs, tokens = quota.max_concurrent_runs, quota.max_tokens_per_day
+    return f"runs<={'any' if runs is None else runs} tokens/day<={'any' if tokens is None else tokens}"
+
+
 def api_key(argv: list[str]) -> None:
     from server.api_keys import create_api_key
+    from server.store import Quota
 
     parser = argparse.ArgumentParser(prog="tuft api-key", description="manage the API keys this server accepts")
     commands = parser.add_subparsers(dest="command", required=True)
     create = commands.add_parser("create", help="create a key and print it (it is shown only once)")
     create.add_argument("--name", required=True, help="what the key is for (shown by `list`)")
+    _add_quota_args(create, None)
     _add_database_args(create)
     listing = commands.add_parser("list", help="list keys (ids and names; the keys themselves are not stored)")
     _add_database_args(listing)
     revoke = commands.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
     _add_database_args(revoke)
+    quota = commands.add_parser("quota", help="show or change a key's quotas (a 429 once reached)")
+    quota.add_argument("key_id")
+    _add_quota_args(quota, argparse.SUPPRESS)
+    _add_database_args(quota)
     args = parser.parse_args(argv)
     store = _open_store(args)
     try:
@@ -170,6 +208,7 @@ def api_key(argv: list[str]) -> None:
                 key, record = create_api_key(store, args.name)
             except ValueError as exc:
                 sys.exit(f"tuft: {exc}")
+            store.set_quota(record.key_id, Quota(args.max_runs, args.tokens_per_day))
             print(key)
             print(
                 f"created API key {record.key_id} ({record.name}). Store it now: it cannot be shown again. "
@@ -179,7 +218,19 @@ def api_key(argv: list[str]) -> None:
         elif args.command == "list":
             for record in store.list_api_keys():
                 state = "active" if record.revoked_at is None else f"revoked {record.revoked_at:%Y-%m-%d %H:%M:%S}"
-                print(f"{record.key_id}\t{record.created_at:%Y-%m-%d %H:%M:%S}\t{state}\t{record.name}")
+                limits = _quota_text(store.get_quota(record.key_id))
+                print(f"{record.key_id}\t{record.created_at:%Y-%m-%d %H:%M:%S}\t{state}\t{limits}\t{record.name}")
+        elif args.command == "quota":
+            key_id = args.key_id.removeprefix("tml-").split("-")[0]
+            if store.get_api_key(key_id) is None:
+                sys.exit(f"tuft: no API key with id {key_id!r}")
+            current = store.get_quota(key_id)
+            updated = Quota(
+                getattr(args, "max_runs", current.max_concurrent_runs),
+                getattr(args, "tokens_per_day", current.max_tokens_per_day),
+            )
+            store.set_quota(key_id, updated)
+            print(f"{key_id}\t{_quota_text(updated)}")
         else:
             from server.sessions import utc_now
 

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
-from server.auth import visible_to_caller
+from server.auth import current_owner, visible_to_caller
 from server.compat.checkpoint_adapters import CheckpointAdapters
 from server.config import ServerOptions
 from server.engine_api import EngineAPI
@@ -21,10 +21,12 @@ from server.futures import FutureRegistry
 from server.metrics import Metrics
 from server.paths import CheckpointRef
 from server.runtime import BASE_MODEL_SLOT, LiveModel, LiveSampler
+from server.quotas import Quotas
 from server.sequencer import Sequencer
 from server.session_trace import SessionTraces
 from server.sessions import Sessions, utc_now
-from server.store import CheckpointRecord, Store
+from server.store import AuditEvent, CheckpointRecord, Store
+from server.usage import UsageMeter
 from server.url_signing import UrlSigner
 from server.worker import EngineWorker
 from tuft_jax.errors import InputError
@@ -76,6 +78,8 @@ class Service:
     workers: dict[str, EngineWorker] = field(init=False)
     checkpoint_adapters: CheckpointAdapters = field(init=False)
     """Checkpoints loaded for the OpenAI- and Anthropic-compatible routes."""
+    usage: UsageMeter = field(init=False)
+    quotas: Quotas = field(init=False)
     models: dict[str, LiveModel] = field(default_factory=dict)
     samplers: dict[str, LiveSampler] = field(default_factory=dict)
     _session_owners: dict[str, str] = field(default_factory=dict)
@@ -91,6 +95,8 @@ class Service:
             for name, engine in self.engines.items()
         }
         self.checkpoint_adapters = CheckpointAdapters(self.options.max_checkpoint_adapters, self.release_slot)
+        self.usage = UsageMeter(self.store)
+        self.quotas = Quotas(self.store, self.usage, cache_s=self.options.auth_cache_s)
         for name, worker in self.workers.items():
             self.metrics.watch_queue(name, worker.queue_depth)
             self.metrics.watch_kv_cache(name, worker.engine.kv_cache_stats)
@@ -169,13 +175,30 @@ class Service:
         base = (self.options.public_url or str(request.base_url)).rstrip("/")
         return f"{base}{path}?{self.url_signer.query(path, expires)}"
 
-    def checkpoint_directory(self, ref: CheckpointRef) -> Path:
-        """The directory of a checkpoint the caller may read (404 otherwise)."""
-        self.readable_checkpoint(ref)
+    def checkpoint_directory(self, ref: CheckpointRef, purpose: str) -> Path:
+        """The directory of a checkpoint the caller may read (404 otherwise); the read is
+        audited in the checkpoint owner's log as `checkpoint_read` with `purpose`."""
+        record = self.readable_checkpoint(ref)
         directory = ref.directory(self.checkpoint_dir)
         if not directory.is_dir():
             raise NotFound(f"checkpoint {ref.tinker_path} does not exist")
+        self.audit_read(record, purpose)
         return directory
+
+    def audit_read(self, record: CheckpointRecord, purpose: str) -> None:
+        """`checkpoint_read` in the owner's log; `reader` is the caller's key id (None for a
+        signed URL, which carries no key)."""
+        details = {
+            "tinker_path": record.ref.tinker_path,
+            "model_id": record.ref.model_id,
+            "purpose": purpose,
+            "reader": current_owner(),
+        }
+        self.store.add_audit_event(AuditEvent(utc_now(), record.owner, "checkpoint_read", details))
+
+    def running_runs(self, owner: str) -> int:
+        """Training runs of `owner` alive on this server now (the concurrent-runs quota)."""
+        return sum(1 for model in self.models.values() if self.session_owner(model.session_id) == owner)
 
     def engine_for_checkpoint(self, ref: CheckpointRef, requested: str | None) -> EngineAPI:
         """The engine a readable checkpoint loads on, after checking its recorded geometry (base
@@ -256,6 +279,7 @@ class Service:
             logger.info("session %s expired (no heartbeat)", session_id)
             self.end_session(session_id, "expired")
         self.futures.collect_garbage()
+        self.usage.flush()
 
     def start(self) -> None:
         for worker in self.workers.values():
@@ -264,6 +288,7 @@ class Service:
     def stop(self) -> None:
         for worker in self.workers.values():
             worker.stop()
+        self.usage.flush()
 
 
 def _log_failure(fut: asyncio.Future[None]) -> None:

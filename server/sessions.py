@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 from server.auth import current_owner, visible_to_caller
 from server.errors import Gone, NotFound
-from server.store import SessionRecord, Store
+from server.store import AuditEvent, SessionRecord, Store
 from server.wire.types import CreateSessionRequest
 
 OWNER = "local"
@@ -72,9 +72,12 @@ class Sessions:
         self._store.put_session(replace(record, last_heartbeat=self._clock()))
 
     def assign_project(self, session_id: str, project_id: str) -> None:
-        """Move a session, and with it its training runs, into a project (ended ones too)."""
+        """Move a session, and with it its training runs, into a project (ended ones too);
+        audited as `project_session_assign`."""
         record = self.get(session_id)
         self._store.put_session(replace(record, project_id=project_id))
+        details = {"session_id": session_id, "project_id": project_id, "previous_project_id": record.project_id}
+        self._store.add_audit_event(AuditEvent(self._clock(), record.owner, "project_session_assign", details))
 
     def finish(self, session_id: str, reason: str) -> bool:
         """End an active session; False if it had already ended."""

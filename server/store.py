@@ -1,5 +1,6 @@
 """Durable service records: sessions, training runs, samplers, checkpoints, API keys, futures,
-and the idempotency keys of copy_weights calls.
+the idempotency keys of copy_weights calls, and the ledger (metered usage, the audit log, per-key
+quotas).
 
 `Store` is the interface the service programs against; `server.store_sql.SqlStore` implements
 it on SQLite (the default, one file next to the checkpoints) or PostgreSQL. Live engine state
@@ -119,6 +120,39 @@ class CheckpointTotals:
     size_bytes: int = 0
 
 
+UsageKind = Literal["training", "sampling_prefill", "sampling_sample"]
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """Tokens one owner used of one kind in one UTC hour, per session and base model."""
+
+    bucket_start: datetime
+    owner: str
+    session_id: str | None
+    base_model: str
+    kind: UsageKind
+    tokens: int
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One entry of an owner's audit log: `event` is `<resource>_<action>`."""
+
+    timestamp: datetime
+    owner: str
+    event: str
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Limits on one API key; None means unlimited."""
+
+    max_concurrent_runs: int | None = None
+    max_tokens_per_day: int | None = None
+
+
 @dataclass(frozen=True)
 class Page:
     """One page of a listing plus the total size of the listing."""
@@ -174,7 +208,7 @@ class Store(Protocol):
         limit: int | None = None,
         offset: int = 0,
     ) -> Page: ...
-    def delete_checkpoint(self, ref: CheckpointRef) -> None: ...
+    def delete_checkpoint(self, ref: CheckpointRef, reason: str = "deleted") -> None: ...
     def set_checkpoint_public(self, ref: CheckpointRef, public: bool) -> None: ...
     def set_checkpoint_expiry(self, ref: CheckpointRef, expires_at: datetime | None) -> None: ...
     def expired_checkpoints(self, now: datetime) -> list[CheckpointRecord]: ...
@@ -198,5 +232,16 @@ class Store(Protocol):
     def get_future(self, request_id: str) -> FutureRecord | None: ...
     def fail_pending_futures(self, body: bytes, when: datetime) -> int: ...
     def delete_futures_before(self, cutoff: datetime) -> int: ...
+
+    # ---- ledger: usage, audit log, quotas ----
+    def add_usage(self, rows: Sequence[UsageRow]) -> None: ...
+    def usage_between(self, owner: str, start: datetime, end: datetime) -> list[UsageRow]: ...
+    def usage_tokens_since(self, owner: str, since: datetime) -> int: ...
+    def add_audit_event(self, event: AuditEvent) -> None: ...
+    def audit_events(
+        self, owner: str, start: datetime, end: datetime, prefixes: Sequence[str] | None = None
+    ) -> list[AuditEvent]: ...
+    def set_quota(self, key_id: str, quota: Quota) -> None: ...
+    def get_quota(self, key_id: str) -> Quota: ...
 
     def close(self) -> None: ...

@@ -17,14 +17,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from server.paths import CheckpointRef
+from server.store_ledger_sql import LEDGER_SCHEMA, LedgerTables
+from server.sql_values import from_json, from_us, to_json, to_us
 from server.store import (
     ApiKeyRecord,
+    AuditEvent,
     CheckpointRecord,
     CheckpointTotals,
     FutureRecord,
@@ -38,7 +41,6 @@ from server.store import (
 from tuft_jax.types import LoraConfig
 
 SCHEMA_VERSION = 1
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class StoreError(RuntimeError):
@@ -93,31 +95,8 @@ def _schema(blob: str) -> list[str]:
         """CREATE TABLE IF NOT EXISTS weight_copies (
             owner TEXT NOT NULL, idempotency_key TEXT NOT NULL, tinker_path TEXT NOT NULL,
             created_at BIGINT NOT NULL, PRIMARY KEY (owner, idempotency_key))""",
+        *LEDGER_SCHEMA,
     ]
-
-
-# ---- value conversion ---------------------------------------------------------------------
-
-
-def _us(when: datetime | None) -> int | None:
-    """Exact microseconds since the epoch (no float rounding), or None."""
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return (when - EPOCH) // timedelta(microseconds=1)
-
-
-def _dt(us: int | None) -> datetime | None:
-    return None if us is None else EPOCH + timedelta(microseconds=int(us))
-
-
-def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True)
-
-
-def _unjson(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
 
 
 def _lora(text: str | None) -> LoraConfig | None:
@@ -185,7 +164,7 @@ def redact(url: str) -> str:
 # ---- the store ----------------------------------------------------------------------------
 
 
-class SqlStore:
+class SqlStore(LedgerTables):
     def __init__(self, dialect: Dialect) -> None:
         self.dialect = dialect
         self._lock = threading.RLock()
@@ -288,11 +267,11 @@ class SqlStore:
         return SessionRecord(
             session_id=row[0],
             owner=row[1],
-            created_at=_dt(row[2]),  # type: ignore[arg-type]
-            last_heartbeat=_dt(row[3]),  # type: ignore[arg-type]
+            created_at=from_us(row[2]),  # type: ignore[arg-type]
+            last_heartbeat=from_us(row[3]),  # type: ignore[arg-type]
             sdk_version=row[4],
             tags=tuple(json.loads(row[5])),
-            user_metadata=_unjson(row[6]),
+            user_metadata=from_json(row[6]),
             project_id=row[7],
             display_name=row[8],
             finished=row[9],
@@ -310,11 +289,11 @@ class SqlStore:
                     self._next_seq(),
                     record.session_id,
                     record.owner,
-                    _us(record.created_at),
-                    _us(record.last_heartbeat),
+                    to_us(record.created_at),
+                    to_us(record.last_heartbeat),
                     record.sdk_version,
                     json.dumps(list(record.tags)),
-                    _json(record.user_metadata),
+                    to_json(record.user_metadata),
                     record.project_id,
                     record.display_name,
                     record.finished,
@@ -339,7 +318,7 @@ class SqlStore:
             clauses.append(f"project_id IN ({', '.join('?' * len(project_ids))})" if project_ids else "1 = 0")
             params.extend(project_ids)
         if after is not None:
-            created = _us(after.created_at)
+            created = to_us(after.created_at)
             clauses.append("(created_at < ? OR (created_at = ? AND session_id < ?))")
             params.extend([created, created, after.session_id])
         rows = self._query(
@@ -360,7 +339,7 @@ class SqlStore:
             "JOIN training_runs r ON r.model_id = c.model_id "
             f"WHERE r.session_id IN ({', '.join('?' * len(session_ids))}) "
             "AND (c.expires_at IS NULL OR c.expires_at > ?) GROUP BY r.session_id",
-            [*session_ids, _us(alive_at)],
+            [*session_ids, to_us(alive_at)],
         )
         return {row[0]: CheckpointTotals(int(row[1]), int(row[2])) for row in rows}
 
@@ -384,9 +363,9 @@ class SqlStore:
             owner=row[2],
             base_model=row[3],
             lora=_lora(row[4]),  # type: ignore[arg-type]
-            created_at=_dt(row[5]),  # type: ignore[arg-type]
-            last_request_time=_dt(row[6]),  # type: ignore[arg-type]
-            user_metadata=_unjson(row[7]),
+            created_at=from_us(row[5]),  # type: ignore[arg-type]
+            last_request_time=from_us(row[6]),  # type: ignore[arg-type]
+            user_metadata=from_json(row[7]),
         )
 
     def put_training_run(self, record: TrainingRunRecord) -> None:
@@ -402,10 +381,10 @@ class SqlStore:
                     record.session_id,
                     record.owner,
                     record.base_model,
-                    _json(asdict(record.lora)),
-                    _us(record.created_at),
-                    _us(record.last_request_time),
-                    _json(record.user_metadata),
+                    to_json(asdict(record.lora)),
+                    to_us(record.created_at),
+                    to_us(record.last_request_time),
+                    to_json(record.user_metadata),
                 ),
             )
 
@@ -435,7 +414,7 @@ class SqlStore:
                 "EXISTS (SELECT 1 FROM checkpoints c WHERE c.model_id = training_runs.model_id AND c.public = 1 "
                 "AND (c.expires_at IS NULL OR c.expires_at > ?))"
             )
-            params.append(_us(include_public))
+            params.append(to_us(include_public))
         where = " OR ".join(f"({c})" for c in clauses) if clauses else "1 = 1"
         if project_id is not None:
             where = f"({where}) AND session_id IN (SELECT session_id FROM sessions WHERE project_id = ?)"
@@ -449,7 +428,7 @@ class SqlStore:
 
     def touch_training_run(self, model_id: str, when: datetime) -> None:
         with self._tx() as execute:
-            execute("UPDATE training_runs SET last_request_time = ? WHERE model_id = ?", (_us(when), model_id))
+            execute("UPDATE training_runs SET last_request_time = ? WHERE model_id = ?", (to_us(when), model_id))
 
     # ---- samplers -----------------------------------------------------------------------
 
@@ -457,7 +436,7 @@ class SqlStore:
 
     @staticmethod
     def _sampler(row: tuple) -> SamplerRecord:
-        return SamplerRecord(row[0], row[1], row[2], _dt(row[3]), row[4], row[5])  # type: ignore[arg-type]
+        return SamplerRecord(row[0], row[1], row[2], from_us(row[3]), row[4], row[5])  # type: ignore[arg-type]
 
     def put_sampler(self, record: SamplerRecord) -> None:
         with self._tx() as execute:
@@ -474,7 +453,7 @@ class SqlStore:
                     record.sampler_id,
                     record.session_id,
                     record.base_model,
-                    _us(record.created_at),
+                    to_us(record.created_at),
                     record.model_path,
                     owner,
                 ),
@@ -499,19 +478,63 @@ class SqlStore:
         return CheckpointRecord(
             ref=CheckpointRef(row[0], row[1], row[2]),
             owner=row[3],
-            created_at=_dt(row[4]),  # type: ignore[arg-type]
+            created_at=from_us(row[4]),  # type: ignore[arg-type]
             size_bytes=row[5],
-            user_metadata=_unjson(row[6]),
-            expires_at=_dt(row[7]),
+            user_metadata=from_json(row[6]),
+            expires_at=from_us(row[7]),
             public=bool(row[8]),
             base_model=row[9],
             lora=_lora(row[10]),
         )
 
+    def _checkpoint_event(
+        self, execute: Any, event: str, record: CheckpointRecord, when: datetime, **details: Any
+    ) -> None:
+        """Audit `event` on `record` in the owner's log, inside the caller's transaction."""
+        run = execute("SELECT session_id FROM training_runs WHERE model_id = ?", (record.ref.model_id,)).fetchone()
+        self._audit(
+            execute,
+            AuditEvent(
+                when,
+                record.owner,
+                event,
+                {
+                    "tinker_path": record.ref.tinker_path,
+                    "model_id": record.ref.model_id,
+                    "checkpoint_type": record.ref.checkpoint_type,
+                    "session_id": None if run is None else run[0],
+                    "base_model": record.base_model,
+                    "size_bytes": record.size_bytes,
+                    "created_at": record.created_at.isoformat(),
+                    **details,
+                },
+            ),
+        )
+
+    def _checkpoint_in(self, execute: Any, ref: CheckpointRef) -> CheckpointRecord | None:
+        row = execute(
+            f"SELECT {self._CHECKPOINT} FROM checkpoints WHERE model_id = ? AND kind = ? AND name = ?",
+            (ref.model_id, ref.kind, ref.name),
+        ).fetchone()
+        return None if row is None else self._checkpoint(row)
+
     def put_checkpoint(self, record: CheckpointRecord) -> None:
-        """Insert, or replace an overwritten one (which then lists as the newest)."""
+        """Insert, or replace an overwritten one (which then lists as the newest); audited as
+        `checkpoint_create`, or `checkpoint_overwrite` with the replaced one's size and age."""
         ref = record.ref
         with self._tx() as execute:
+            previous = self._checkpoint_in(execute, ref)
+            if previous is None:
+                self._checkpoint_event(execute, "checkpoint_create", record, record.created_at)
+            else:
+                self._checkpoint_event(
+                    execute,
+                    "checkpoint_overwrite",
+                    record,
+                    record.created_at,
+                    previous_size_bytes=previous.size_bytes,
+                    previous_created_at=previous.created_at.isoformat(),
+                )
             execute(
                 f"""INSERT INTO checkpoints (seq, {self._CHECKPOINT}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (model_id, kind, name) DO UPDATE SET seq = excluded.seq, owner = excluded.owner,
@@ -524,22 +547,19 @@ class SqlStore:
                     ref.kind,
                     ref.name,
                     record.owner,
-                    _us(record.created_at),
+                    to_us(record.created_at),
                     record.size_bytes,
-                    _json(record.user_metadata),
-                    _us(record.expires_at),
+                    to_json(record.user_metadata),
+                    to_us(record.expires_at),
                     int(record.public),
                     record.base_model,
-                    None if record.lora is None else _json(asdict(record.lora)),
+                    None if record.lora is None else to_json(asdict(record.lora)),
                 ),
             )
 
     def get_checkpoint(self, ref: CheckpointRef) -> CheckpointRecord | None:
-        row = self._one(
-            f"SELECT {self._CHECKPOINT} FROM checkpoints WHERE model_id = ? AND kind = ? AND name = ?",
-            (ref.model_id, ref.kind, ref.name),
-        )
-        return None if row is None else self._checkpoint(row)
+        with self._tx(write=False) as execute:
+            return self._checkpoint_in(execute, ref)
 
     def list_checkpoints(
         self,
@@ -563,18 +583,29 @@ class SqlStore:
             params.append(int(public))
         if alive_at is not None:
             clauses.append("(expires_at IS NULL OR expires_at > ?)")
-            params.append(_us(alive_at))
+            params.append(to_us(alive_at))
         rows, total = self._paged("checkpoints", self._CHECKPOINT, " AND ".join(clauses), params, limit, offset)
         return self._page(rows, self._checkpoint, total)
 
-    def delete_checkpoint(self, ref: CheckpointRef) -> None:
+    def delete_checkpoint(self, ref: CheckpointRef, reason: str = "deleted") -> None:
+        """Forget a checkpoint; audited as `checkpoint_delete` with `reason` (`deleted` by its
+        owner, `expired`, `files_missing` after a crash)."""
         with self._tx() as execute:
+            record = self._checkpoint_in(execute, ref)
+            if record is None:
+                return
+            self._checkpoint_event(execute, "checkpoint_delete", record, datetime.now(UTC), reason=reason)
             execute(
                 "DELETE FROM checkpoints WHERE model_id = ? AND kind = ? AND name = ?", (ref.model_id, ref.kind, ref.name)
             )
 
     def set_checkpoint_public(self, ref: CheckpointRef, public: bool) -> None:
         with self._tx() as execute:
+            record = self._checkpoint_in(execute, ref)
+            if record is None:
+                return
+            event = "checkpoint_publish" if public else "checkpoint_unpublish"
+            self._checkpoint_event(execute, event, record, datetime.now(UTC))
             execute(
                 "UPDATE checkpoints SET public = ? WHERE model_id = ? AND kind = ? AND name = ?",
                 (int(public), ref.model_id, ref.kind, ref.name),
@@ -582,15 +613,25 @@ class SqlStore:
 
     def set_checkpoint_expiry(self, ref: CheckpointRef, expires_at: datetime | None) -> None:
         with self._tx() as execute:
+            record = self._checkpoint_in(execute, ref)
+            if record is None:
+                return
+            self._checkpoint_event(
+                execute,
+                "checkpoint_ttl_set",
+                record,
+                datetime.now(UTC),
+                expires_at=None if expires_at is None else expires_at.isoformat(),
+            )
             execute(
                 "UPDATE checkpoints SET expires_at = ? WHERE model_id = ? AND kind = ? AND name = ?",
-                (_us(expires_at), ref.model_id, ref.kind, ref.name),
+                (to_us(expires_at), ref.model_id, ref.kind, ref.name),
             )
 
     def expired_checkpoints(self, now: datetime) -> list[CheckpointRecord]:
         rows = self._query(
             f"SELECT {self._CHECKPOINT} FROM checkpoints WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY seq",
-            (_us(now),),
+            (to_us(now),),
         )
         return [self._checkpoint(row) for row in rows]
 
@@ -600,7 +641,7 @@ class SqlStore:
 
     @staticmethod
     def _key(row: tuple) -> ApiKeyRecord:
-        return ApiKeyRecord(row[0], row[1], row[2], row[3], _dt(row[4]), _dt(row[5]))  # type: ignore[arg-type]
+        return ApiKeyRecord(row[0], row[1], row[2], row[3], from_us(row[4]), from_us(row[5]))  # type: ignore[arg-type]
 
     def add_api_key(self, record: ApiKeyRecord) -> None:
         with self._tx() as execute:
@@ -612,8 +653,8 @@ class SqlStore:
                     record.name,
                     record.salt,
                     record.secret_hash,
-                    _us(record.created_at),
-                    _us(record.revoked_at),
+                    to_us(record.created_at),
+                    to_us(record.revoked_at),
                 ),
             )
 
@@ -627,7 +668,7 @@ class SqlStore:
     def revoke_api_key(self, key_id: str, when: datetime) -> bool:
         with self._tx() as execute:
             cursor = execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (_us(when), key_id)
+                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (to_us(when), key_id)
             )
             return cursor.rowcount > 0
 
@@ -647,7 +688,7 @@ class SqlStore:
         with self._tx() as execute:
             execute(
                 "INSERT INTO weight_copies (owner, idempotency_key, tinker_path, created_at) VALUES (?, ?, ?, ?)",
-                (owner, idempotency_key, tinker_path, _us(when)),
+                (owner, idempotency_key, tinker_path, to_us(when)),
             )
 
     # ---- futures ------------------------------------------------------------------------
@@ -658,7 +699,7 @@ class SqlStore:
         with self._tx() as execute:
             execute(
                 "INSERT INTO futures (request_id, owner, status, created_at) VALUES (?, ?, 'pending', ?)",
-                (request_id, owner, _us(created_at)),
+                (request_id, owner, to_us(created_at)),
             )
 
     def finish_future(
@@ -668,7 +709,7 @@ class SqlStore:
             execute(
                 "UPDATE futures SET status = ?, media_type = ?, body = ?, completed_at = ? "
                 "WHERE request_id = ? AND status = 'pending'",
-                (status, media_type, body, _us(completed_at), request_id),
+                (status, media_type, body, to_us(completed_at), request_id),
             )
 
     def get_future(self, request_id: str) -> FutureRecord | None:
@@ -676,7 +717,7 @@ class SqlStore:
         if row is None:
             return None
         body = None if row[6] is None else bytes(row[6])
-        return FutureRecord(row[0], row[1], row[2], _dt(row[3]), _dt(row[4]), row[5], body)  # type: ignore[arg-type]
+        return FutureRecord(row[0], row[1], row[2], from_us(row[3]), from_us(row[4]), row[5], body)  # type: ignore[arg-type]
 
     def fail_pending_futures(self, body: bytes, when: datetime) -> int:
         """Mark every pending future failed with `body` (JSON); returns how many there were."""
@@ -684,14 +725,14 @@ class SqlStore:
             cursor = execute(
                 "UPDATE futures SET status = 'failed', media_type = 'application/json', body = ?, completed_at = ? "
                 "WHERE status = 'pending'",
-                (body, _us(when)),
+                (body, to_us(when)),
             )
             return cursor.rowcount
 
     def delete_futures_before(self, cutoff: datetime) -> int:
         with self._tx() as execute:
             cursor = execute(
-                "DELETE FROM futures WHERE status <> 'pending' AND completed_at < ?", (_us(cutoff),)
+                "DELETE FROM futures WHERE status <> 'pending' AND completed_at < ?", (to_us(cutoff),)
             )
             return cursor.rowcount
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from server.auth import current_owner
 from server.compat.models import ModelChoice, adapter_slot
 from server.compat.text import Completion, decode_completion
 from server.routes.sampling import sampling_params
@@ -67,6 +68,8 @@ async def generate(
     engine = choice.engine
     for prompt in prompts:
         engine.check_sample(prompt, num_samples, params)
+    owner = current_owner()
+    service.quotas.check_tokens(owner, sum(prompt.size for prompt in prompts))
     async with adapter_slot(service, choice) as slot:
         worker = service.workers[engine.name]
         outcomes = [
@@ -78,7 +81,7 @@ async def generate(
                     params=params,
                     prompt_logprobs=False,
                     topk_prompt_logprobs=0,
-                    finish=lambda result: result,
+                    finish=service.usage.metered_sample(owner, None, engine.name, prompt.size, lambda result: result),
                 )
             )
             for prompt in prompts

@@ -43,7 +43,7 @@ async def adapter_slot(service: Service, choice: ModelChoice) -> AsyncIterator[i
     if record is None:
         yield BASE_MODEL_SLOT
         return
-    directory = service.checkpoint_directory(record.ref)
+    directory = service.checkpoint_directory(record.ref, "sampling")
     worker = service.workers[choice.engine.name]
     key = (record.ref.tinker_path, record.created_at)
     load = lambda: worker.call(lambda engine: engine.load_adapter(directory, with_optimizer=False))  # noqa: E731

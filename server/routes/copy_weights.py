@@ -41,7 +41,7 @@ _TOKEN_HEADER = "x-tinker-weights-access-token"
 def _source(service: Service, request: Request, body: CopyWeightsRequest) -> CheckpointRecord:
     ref = parse_tinker_path(body.source_path)
     try:
-        service.checkpoint_directory(ref)
+        service.checkpoint_directory(ref, "copy")
         return service.readable_checkpoint(ref)
     except NotFound as exc:
         if body.weights_access_token is None and _TOKEN_HEADER not in request.headers:

@@ -50,7 +50,7 @@ def _signed_path(ref: CheckpointRef, *rest: str) -> str:
 def external_weights_urls(request: Request, service: Service, ref: CheckpointRef) -> Response:
     """A signed URL for every file of the checkpoint, keyed by its name."""
     _require_external(ref, "external_weights_urls")
-    directory = service.checkpoint_directory(ref)
+    directory = service.checkpoint_directory(ref, "download")
     expires = service.url_expiry()
     urls = {
         entry.name: service.signed_url(request, _signed_path(ref, FILES, entry.name), expires)
@@ -76,7 +76,7 @@ def _directory(request: Request, service: Service, ref: CheckpointRef, signed_pa
     that carries a valid signature for `signed_path` (`refusal` if it does not), as long as the
     checkpoint still exists and has not expired."""
     if current_owner() is not None:
-        return service.checkpoint_directory(ref)
+        return service.checkpoint_directory(ref, "download")
     if not service.url_signer.is_valid(signed_path, request.query_params):
         raise refusal
     record = service.store.get_checkpoint(ref)

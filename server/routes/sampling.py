@@ -57,7 +57,7 @@ def _open_sampler(service: Service, body: CreateSamplingSessionRequest, sampler_
         service.store.put_sampler(SamplerRecord(sampler_id, body.session_id, engine.name, utc_now()))
         return sampler
     ref = parse_tinker_path(body.model_path)
-    directory = service.checkpoint_directory(ref)
+    directory = service.checkpoint_directory(ref, "sampling")
     engine = service.engine_for_checkpoint(ref, body.base_model)
     sampler = LiveSampler(sampler_id, body.session_id, engine.name)
 
@@ -97,6 +97,8 @@ async def asample(request: Request) -> Response:
         topk_prompt_logprobs=body.topk_prompt_logprobs,
         topk_sample_logprobs=body.topk_sample_logprobs,
     )
+    owner = service.session_owner(sampler.session_id)
+    service.quotas.check_tokens(owner, prompt.size)
     item = SampleItem(
         slot=sampler.require_slot(),
         prompt=prompt,
@@ -104,7 +106,13 @@ async def asample(request: Request) -> Response:
         params=params,
         prompt_logprobs=bool(body.prompt_logprobs),
         topk_prompt_logprobs=body.topk_prompt_logprobs,
-        finish=lambda result: encode_sample_response(_keep_last_prompt_positions(result, last_n)),
+        finish=service.usage.metered_sample(
+            owner,
+            sampler.session_id,
+            sampler.base_model,
+            prompt.size,
+            lambda result: encode_sample_response(_keep_last_prompt_positions(result, last_n)),
+        ),
         topk_sample_logprobs=body.topk_sample_logprobs,
     )
     outcome = service.workers[sampler.base_model].sample(item)  # 429 (CapacityError) when the queue is full

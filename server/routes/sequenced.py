@@ -2,8 +2,8 @@
 
 The SDK numbers a model's requests 1, 2, 3, ..., retries with the same number, and moves on
 after a rejection, so every path here ends in exactly one of: the original request id, a
-new request queued in order, or a rejection that consumes the seq_id (except 429, which the
-SDK retries with the same seq_id). A body too broken to name its seq_id cannot consume it;
+new request queued in order, or a rejection that consumes the seq_id (except 429 for capacity
+or a quota, which the SDK retries with the same seq_id). A body too broken to name its seq_id cannot consume it;
 the sequencer skips such a gap after `ServerOptions.seq_gap_timeout_s`.
 """
 
@@ -21,6 +21,7 @@ from starlette.responses import Response
 from server.engine_api import EngineAPI
 from server.errors import NotFound
 from server.http import decode_json, json_response
+from server.quotas import QuotaExceeded
 from server.runtime import LiveModel
 from server.service import Service, then
 from server.session_trace import TracedRequest
@@ -79,7 +80,7 @@ async def submit_sequenced(
         return retry
     try:
         start = await prepare(model)
-    except CapacityError:
+    except (CapacityError, QuotaExceeded):
         raise
     except Exception:
         if seq_id is not None:
@@ -128,6 +129,7 @@ def create_model_with(
     existing = service.models.get(model_id)
     if existing is not None:
         return json_response(UntypedAPIFuture(request_id=existing.create_request_id, model_id=model_id))
+    service.quotas.check_runs(owner, service.running_runs(owner))
     request_id = service.futures.create(traced=TracedRequest(session_id, model_id, kind))
     model = LiveModel(model_id, session_id, engine.name, create_request_id=request_id)
     service.add_model(model)

@@ -36,6 +36,7 @@ from server.runtime import LiveModel, LiveSampler
 from server.service import Service, then
 from server.sessions import sampler_id_for, utc_now
 from server.store import CheckpointRecord, SamplerRecord
+from server.usage import training_tokens
 from server.wire.proto_codec import (
     BadForwardBackwardRequest,
     decode_forward_backward_request,
@@ -239,7 +240,7 @@ def _loadable(service: Service, body: LoadWeightsRequest, base_model: str | None
     """The directory of the checkpoint `body.path`, once the caller may read it and its
     recorded geometry fits `base_model` (default: the one it was trained on) on this server."""
     ref = parse_tinker_path(body.path)
-    directory = service.checkpoint_directory(ref)
+    directory = service.checkpoint_directory(ref, "load_weights")
     service.engine_for_checkpoint(ref, base_model)
     if body.optimizer and ref.kind != "weights":
         raise InputError(
@@ -285,6 +286,8 @@ async def forward_backward(request: Request) -> Response:
 
     async def prepare(model: LiveModel) -> Start:
         engine = service.engines[model.base_model]
+        owner, tokens = service.session_owner(model.session_id), training_tokens(call.data)
+        service.quotas.check_tokens(owner, tokens)
         config = await run_in_threadpool(engine.check_forward_backward, call.data, call.loss_fn, call.loss_fn_config)
         item = ForwardBackwardItem(
             model_id=model.model_id,
@@ -295,7 +298,12 @@ async def forward_backward(request: Request) -> Response:
             forward_only=call.forward_only,
             finish=_encode_forward,
         )
-        return lambda: service.workers[model.base_model].forward_backward(item)
+
+        def metered(reply: bytes) -> bytes:
+            service.usage.record(owner, model.session_id, model.base_model, "training", tokens)
+            return reply
+
+        return lambda: then(service.workers[model.base_model].forward_backward(item), metered)
 
     kind = "forward" if call.forward_only else "forward_backward"
     return await submit_sequenced(service, call.model_id, call.seq_id, prepare, kind=kind)

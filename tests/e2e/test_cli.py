@@ -3,9 +3,9 @@
 One test function per subcommand (or small group of them), each asserting on the CLI's JSON
 output (`tinker --format json ...`) or on what it wrote. `trained` is one training run, made
 with the SDK under this module's API key, with a training and a sampler checkpoint; tests that
-change or delete a checkpoint save their own. To cover another subcommand (`billing ...`),
-add a test function that calls `cli.run(...)` / `cli.json(...)` (tests/e2e/tinker_cli.py);
-`checkpoint download` has its own module, test_cli_download.py.
+change or delete a checkpoint save their own; the billing test uses a key of its own. To cover
+another subcommand, add a test function that calls `cli.run(...)` / `cli.json(...)`
+(tests/e2e/tinker_cli.py); `checkpoint download` has its own module, test_cli_download.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -145,3 +145,52 @@ def test_checkpoint_delete(cli: Cli, trained: Trained) -> None:
     cli.run("checkpoint", "delete", path, "--yes")
     assert path not in _checkpoint_paths(cli, trained.run_id)
     assert trained.state_path in _checkpoint_paths(cli, trained.run_id)
+
+
+# ---- billing and the audit log ---------------------------------------------------------------
+
+
+def test_billing_usage_and_checkpoint_storage_count_what_was_sent(server_url: str, tmp_path: Path) -> None:
+    """A key of its own, so the usage the CLI shows is exactly what this test sent."""
+    key = f"tml-billing-{uuid.uuid4().hex}"
+    home = tmp_path / "home"
+    home.mkdir()
+    cli = Cli(server_url, key, home)
+    service = tinker.ServiceClient(base_url=server_url, api_key=key)
+    training = service.create_lora_training_client(base_model=BASE_MODEL, rank=4, seed=0).result()
+    data = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(list(range(1, n + 1))),
+            loss_fn_inputs={"target_tokens": list(range(2, n + 2)), "weights": [1.0] * n},
+        )
+        for n in (5, 7)
+    ]
+    training.forward_backward(data, "cross_entropy").result()
+    sampler = service.create_sampling_client(base_model=BASE_MODEL).result()
+    prompt = types.ModelInput.from_ints([3, 4, 5, 6])
+    params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=1)
+    sampled = sampler.sample(prompt, num_samples=3, sampling_params=params).result()
+    saved = training.save_weights_for_sampler("billed").result().path
+
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    start, end = (hour - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"), (hour + timedelta(hours=1)).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
+    report = cli.json("billing", "usage", start, end)
+    tokens = {row["event_info"]["type"]: 0 for row in report["data"]}
+    for row in report["data"]:
+        tokens[row["event_info"]["type"]] += row["event_info"].get("token_count") or row["event_info"].get("count") or 0
+    assert tokens["training"] == 12
+    assert tokens["sampling_prefill"] == 4
+    assert tokens["sampling_sample"] == sum(len(s.tokens) for s in sampled.sequences)
+    assert tokens["checkpoint"] == 1 and "storage" in tokens
+    assert set(report["sessions"]) == {training.holder.get_session_id()}
+    cli.run("billing", "usage", start, end, "--csv", "usage.csv")
+    assert (home / "usage.csv").read_text().splitlines()[0].startswith("bucket_start,")
+
+    storage = cli.json("billing", "checkpoint-storage")["data"]
+    listed = cli.json("checkpoint", "list", "--run-id", training.model_id)["checkpoints"]
+    assert [(row["checkpoint_count"], row["size_bytes"]) for row in storage] == [(1, listed[0]["size_bytes"])]
+
+    audit = tinker.AdminClient(base_url=server_url, api_key=key).get_audit_log("checkpoints").result()
+    assert [(e.event, e.tinker_path) for e in audit.entries] == [("checkpoint_create", saved)]

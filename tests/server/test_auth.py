@@ -18,6 +18,7 @@ from tinker.proto.request_conv import forward_backward_request_to_proto
 from server import cli
 from server.api_keys import ApiKeyAuth, anonymous_owner, create_api_key, verify_api_key
 from server.auth import RequireApiKey, current_owner, visible_to_caller
+from server.store import Quota
 from server.store_sql import SqlStore
 
 OTHER_KEY = "tml-someone-else"
@@ -161,6 +162,24 @@ def test_cli_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
         cli.main(["api-key", "revoke", key_id, *where])
     with pytest.raises(SystemExit, match="unsupported database URL"):
         cli.main(["api-key", "list", "--db", "mysql://x/y"])
+
+
+def test_cli_quotas(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    where = ["--checkpoint-dir", str(tmp_path / "ckpt")]
+    cli.main(["api-key", "create", "--name", "student", "--max-runs", "2", *where])
+    key_id = capsys.readouterr().out.strip().split("-")[1]
+    cli.main(["api-key", "quota", key_id, "--tokens-per-day", "1000", *where])
+    assert capsys.readouterr().out.strip() == f"{key_id}\truns<=2 tokens/day<=1000"
+    cli.main(["api-key", "quota", key_id, "--max-runs", "none", *where])
+    assert capsys.readouterr().out.strip() == f"{key_id}\truns<=any tokens/day<=1000"
+    cli.main(["api-key", "list", *where])
+    assert "runs<=any tokens/day<=1000\tstudent" in capsys.readouterr().out
+    store = SqlStore.sqlite(tmp_path / "ckpt" / "tuft.db")
+    assert store.get_quota(key_id) == Quota(None, 1000)
+    with pytest.raises(SystemExit, match="no API key"):
+        cli.main(["api-key", "quota", "0" * 12, "--max-runs", "1", *where])
+    with pytest.raises(SystemExit):
+        cli.main(["api-key", "quota", key_id, "--max-runs", "0", *where])
 
 
 def test_enforced_keys(keyed_app, make_api, tmp_path: Path) -> None:

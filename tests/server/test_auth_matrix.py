@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,16 @@ NEUTRAL: dict[tuple[str, str], Calls] = {
     ("GET", "/api/v1/auth/apikey/me"): _one(),
     ("DELETE", "/api/v1/auth/apikey/me"): _one(),
     ("GET", "/oai/api/v1/models"): _one(),
+    ("GET", "/api/v1/billing/usage/events"): lambda i: [Call(params={"_query": _usage_window()})],
+    ("GET", "/api/v1/billing/usage/checkpoints/current"): _one(),
+    ("GET", "/api/v1/audit"): _one(),
 }
+
+
+def _usage_window() -> str:
+    """The query of a billing window covering this hour and the previous one."""
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    return f"?starting_on={(hour - timedelta(hours=1)).isoformat()}&ending_before={(hour + timedelta(hours=1)).isoformat()}".replace("+00:00", "Z")
 
 _PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
 
