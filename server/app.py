@@ -25,6 +25,7 @@ from server.routes import (
     api_key,
     bootstrap,
     copy_weights,
+    dashboard,
     futures,
     openai_compat,
     rest,
@@ -109,6 +110,7 @@ def build_app(
             *metrics.routes,
             *openai_compat.routes,
             *anthropic_compat.routes,
+            *dashboard.routes,
         ],
         middleware=[
             Middleware(UnexpectedErrorMiddleware),

@@ -24,7 +24,14 @@ from server.api_keys import create_api_key
 from server.store_sql import SqlStore
 
 BASE = "fake/tiny"
-EXEMPT = {("GET", "/healthz"), ("GET", "/api/v1/healthz"), ("GET", "/metrics")}
+EXEMPT = {
+    ("GET", "/healthz"),
+    ("GET", "/api/v1/healthz"),
+    ("GET", "/metrics"),
+    ("GET", "/dashboard"),
+    ("GET", "/dashboard/app.js"),
+    ("GET", "/dashboard/style.css"),
+}
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,8 @@ OWNED: dict[tuple[str, str], Calls] = {
     ("POST", "/oai/api/v1/chat/completions"): _compat(messages=_CHAT, max_tokens=1),
     ("POST", "/anthropic/api/v1/messages"): _compat(messages=_CHAT, max_tokens=1),
     ("POST", "/anthropic/api/v1/messages/count_tokens"): _compat(messages=_CHAT),
+    ("GET", "/dashboard/api/runs/{run_id}"): lambda i: [Call(), Call(params={"run_id": "healthz"})],
+    ("POST", "/dashboard/api/sample"): _compat(prompt="x", max_tokens=1),
 }
 NEUTRAL: dict[tuple[str, str], Calls] = {
     ("POST", "/api/v1/client/config"): _one(lambda i: {}),
@@ -138,6 +147,9 @@ NEUTRAL: dict[tuple[str, str], Calls] = {
     ("GET", "/api/v1/auth/apikey/me"): _one(),
     ("DELETE", "/api/v1/auth/apikey/me"): _one(),
     ("GET", "/oai/api/v1/models"): _one(),
+    ("GET", "/dashboard/api/runs"): _one(),
+    ("GET", "/dashboard/api/models"): _one(),
+    ("GET", "/dashboard/api/health"): _one(),
 }
 
 _PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
