@@ -62,7 +62,8 @@ async function api(path, options = {}) {
 function num(value) {
   if (value === null || value === undefined) return "–";
   if (Number.isInteger(value)) return String(value);
-  return Math.abs(value) >= 1e4 || (value !== 0 && Math.abs(value) < 1e-3) ? value.toExponential(2) : value.toPrecision(4);
+  if (Math.abs(value) >= 1e5 || (value !== 0 && Math.abs(value) < 1e-3)) return value.toExponential(2);
+  return String(Number(value.toPrecision(4)));
 }
 
 function bytes(size) {
@@ -93,7 +94,7 @@ function lora(config) {
 // ---- chart -----------------------------------------------------------------------------------
 
 function lineChart(name, steps, values) {
-  const width = 360, height = 190, left = 52, right = 12, top = 10, bottom = 26;
+  const width = 360, height = 190, left = 58, right = 12, top = 10, bottom = 26;
   const points = steps.map((s, i) => [s, values[i]]).filter(([, v]) => v !== null && Number.isFinite(v));
   const caption = el("figcaption", {}, SERIES_TITLES[name] || name);
   if (!points.length) return el("figure", { class: "chart", "data-metric": name }, caption, el("p", { class: "muted" }, "no values"));
@@ -235,8 +236,8 @@ async function playgroundView(params) {
     sampler_checkpoints.length ? el("optgroup", { label: "Sampler checkpoints" }, sampler_checkpoints.map(option)) : null);
   const prompt = el("textarea", { id: "pg-prompt", placeholder: "Type a prompt" });
   const maxTokens = el("input", { id: "pg-max-tokens", type: "number", min: 1, max: 1024, value: 24 });
-  const temperature = el("input", { id: "pg-temperature", type: "number", min: 0, step: 0.1, value: 0.7 });
-  const topP = el("input", { id: "pg-top-p", type: "number", min: 0.01, max: 1, step: 0.05, value: 1 });
+  const temperature = el("input", { id: "pg-temperature", type: "number", min: 0, step: "any", value: 0.7 });
+  const topP = el("input", { id: "pg-top-p", type: "number", min: 0.01, max: 1, step: "any", value: 1 });
   const stop = el("input", { id: "pg-stop", placeholder: "stop strings, comma-separated" });
   const output = el("div", { id: "pg-output" }, el("p", { class: "muted" }, "The completion appears here, each token shaded by its logprob."));
   const button = el("button", { id: "pg-sample", type: "submit" }, "Sample");
