@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_venv.sh test
+scripts/setup_browser.sh
 # Client venvs for the cookbook-recipe and SDK-version tests; TUFT_SKIP_EXTRA_VENVS=1 skips
 # building them (those tests then skip), otherwise a missing one fails its tests.
 if [ "${TUFT_SKIP_EXTRA_VENVS:-0}" != 1 ]; then

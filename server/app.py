@@ -26,6 +26,7 @@ from server.routes import (
     api_key,
     bootstrap,
     copy_weights,
+    dashboard,
     futures,
     openai_compat,
     rest,
@@ -111,6 +112,7 @@ def build_app(
             *metrics.routes,
             *openai_compat.routes,
             *anthropic_compat.routes,
+            *dashboard.routes,
         ],
         middleware=[
             Middleware(UnexpectedErrorMiddleware),

@@ -31,15 +31,19 @@ from urllib.parse import parse_qs
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api_keys import ApiKeyAuth
+from server.dashboard import PUBLIC_PATHS as DASHBOARD_ASSETS
 from server.errors import error_response
 from server.url_signing import SIGNED_PATHS
 
 _API_KEY_HEADER = b"x-api-key"
 _AUTHORIZATION_HEADER = b"authorization"
 _BEARER = b"bearer "
-_PUBLIC = frozenset({("GET", "/healthz"), ("GET", "/api/v1/healthz"), ("GET", "/metrics")})
-"""(method, path) answered without a key: liveness probes and Prometheus scrapes. A HEAD
-counts as its GET, as the router treats it."""
+_PUBLIC = frozenset(
+    {("GET", "/healthz"), ("GET", "/api/v1/healthz"), ("GET", "/metrics"), *(("GET", p) for p in DASHBOARD_ASSETS)}
+)
+"""(method, path) answered without a key: liveness probes, Prometheus scrapes and the
+dashboard's static page (its data requests carry a key). A HEAD counts as its GET, as the
+router treats it."""
 
 
 class Caller(enum.Enum):

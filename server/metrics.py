@@ -8,9 +8,11 @@ is Prometheus' exposition format 0.0.4, served unauthenticated at `/metrics` lik
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import jax
 from starlette.requests import Request
@@ -59,6 +61,20 @@ class Metrics:
             self._tokens[key] += tokens
             if tokens and seconds > 0:
                 self._tokens_per_s[key] = tokens / seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        """The figures `render` exposes, as JSON-ready values (for the dashboard's health panel)."""
+        with self._lock:
+            models = {
+                name: {
+                    "queue_depth": depth(),
+                    "tokens_per_second": {k: v for (m, k), v in sorted(self._tokens_per_s.items()) if m == name},
+                    "calls": {k: v for (m, k), v in sorted(self._steps.items()) if m == name},
+                    "kv": dataclasses.asdict(self._kv_stats[name]()) if name in self._kv_stats else None,
+                }
+                for name, depth in sorted(self._queue_depths.items())
+            }
+            return {"xla_compiles": self._compiles, "xla_compile_seconds": self._compile_seconds, "models": models}
 
     def render(self) -> str:
         lines: list[str] = []

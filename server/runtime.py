@@ -25,6 +25,8 @@ class LiveModel:
     create_request_id: str
     """Answer to a retried create_model / create-via-load for this id."""
     slot: int | None = None
+    optim_steps: int = 0
+    """Optimizer steps this run has taken; counted on the worker thread (server.step_metrics)."""
 
     def require_slot(self) -> int:
         if self.slot is None:

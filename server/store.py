@@ -161,6 +161,18 @@ class Page:
     total: int
 
 
+@dataclass(frozen=True)
+class StepMetricsRecord:
+    """What one forward_backward or optim_step (`kind`) of a training run reported, filed under
+    the optimizer step it belongs to (server.step_metrics)."""
+
+    model_id: str
+    step: int
+    kind: str
+    metrics: dict[str, float]
+    recorded_at: datetime
+
+
 class Store(Protocol):
     # ---- sessions ----
     def put_session(self, record: SessionRecord) -> None: ...
@@ -245,3 +257,10 @@ class Store(Protocol):
     def get_quota(self, key_id: str) -> Quota: ...
 
     def close(self) -> None: ...
+
+    # ---- per-step training metrics (the dashboard's curves) ----
+    def add_step_metrics(
+        self, model_id: str, step: int, kind: str, metrics: dict[str, float], when: datetime
+    ) -> None: ...
+    def step_metrics(self, model_id: str) -> list[StepMetricsRecord]: ...
+    def latest_steps(self, model_ids: Sequence[str]) -> dict[str, int]: ...

@@ -36,6 +36,7 @@ from server.store import (
     SamplerRecord,
     SessionCursor,
     SessionRecord,
+    StepMetricsRecord,
     TrainingRunRecord,
 )
 from tuft_jax.types import LoraConfig
@@ -95,6 +96,10 @@ def _schema(blob: str) -> list[str]:
         """CREATE TABLE IF NOT EXISTS weight_copies (
             owner TEXT NOT NULL, idempotency_key TEXT NOT NULL, tinker_path TEXT NOT NULL,
             created_at BIGINT NOT NULL, PRIMARY KEY (owner, idempotency_key))""",
+        # Per-step training metrics for the dashboard (also added to older databases as above).
+        """CREATE TABLE IF NOT EXISTS step_metrics (
+            model_id TEXT NOT NULL, seq BIGINT NOT NULL, step BIGINT NOT NULL, kind TEXT NOT NULL,
+            metrics TEXT NOT NULL, recorded_at BIGINT NOT NULL, PRIMARY KEY (model_id, seq))""",
         *LEDGER_SCHEMA,
     ]
 
@@ -735,6 +740,34 @@ class SqlStore(LedgerTables):
                 "DELETE FROM futures WHERE status <> 'pending' AND completed_at < ?", (to_us(cutoff),)
             )
             return cursor.rowcount
+
+    # ---- per-step training metrics ------------------------------------------------------
+
+    def add_step_metrics(self, model_id: str, step: int, kind: str, metrics: dict[str, float], when: datetime) -> None:
+        with self._tx() as execute:
+            execute(
+                "INSERT INTO step_metrics (model_id, seq, step, kind, metrics, recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (model_id, self._next_seq(), step, kind, to_json(metrics), to_us(when)),
+            )
+
+    def step_metrics(self, model_id: str) -> list[StepMetricsRecord]:
+        """A run's records in the order they were added."""
+        rows = self._query(
+            "SELECT step, kind, metrics, recorded_at FROM step_metrics WHERE model_id = ? ORDER BY seq", (model_id,)
+        )
+        return [StepMetricsRecord(model_id, int(r[0]), r[1], json.loads(r[2]), from_us(r[3])) for r in rows]  # type: ignore[arg-type]
+
+    def latest_steps(self, model_ids: Sequence[str]) -> dict[str, int]:
+        """The last optimizer step recorded for each of `model_ids` that has one."""
+        if not model_ids:
+            return {}
+        marks = ", ".join("?" * len(model_ids))
+        rows = self._query(
+            f"SELECT model_id, MAX(step) FROM step_metrics WHERE kind = 'optim_step' AND model_id IN ({marks}) "
+            "GROUP BY model_id",
+            list(model_ids),
+        )
+        return {r[0]: int(r[1]) for r in rows}
 
 
 def default_database_url(checkpoint_dir: Path) -> str:

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from server import checkpoint_files
+from server import checkpoint_files, step_metrics
 from server.engine_api import EngineAPI
 from server.errors import NotFound
 from server.http import json_response, read_json
@@ -298,12 +298,13 @@ async def forward_backward(request: Request) -> Response:
             forward_only=call.forward_only,
             finish=_encode_forward,
         )
+        recorded = step_metrics.forward_backward(service, model, item)
 
         def metered(reply: bytes) -> bytes:
             service.usage.record(owner, model.session_id, model.base_model, "training", tokens)
             return reply
 
-        return lambda: then(service.workers[model.base_model].forward_backward(item), metered)
+        return lambda: then(recorded(), metered)
 
     kind = "forward" if call.forward_only else "forward_backward"
     return await submit_sequenced(service, call.model_id, call.seq_id, prepare, kind=kind)
@@ -316,10 +317,10 @@ async def optim_step(request: Request) -> Response:
     async def prepare(model: LiveModel) -> Start:
         params = _adam_params(body)
 
-        def run(e: EngineAPI) -> msgspec.Struct:
+        def run(e: EngineAPI) -> OptimStepResponse:
             return OptimStepResponse(metrics=e.optim_step(model.require_slot(), params))
 
-        return lambda: service.workers[model.base_model].call(run)
+        return step_metrics.optim_step(service, model, params, run)
 
     return await submit_sequenced(service, body.model_id, body.seq_id, prepare, kind="optim_step")
 

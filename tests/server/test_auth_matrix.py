@@ -25,7 +25,14 @@ from server.api_keys import create_api_key
 from server.store_sql import SqlStore
 
 BASE = "fake/tiny"
-EXEMPT = {("GET", "/healthz"), ("GET", "/api/v1/healthz"), ("GET", "/metrics")}
+EXEMPT = {
+    ("GET", "/healthz"),
+    ("GET", "/api/v1/healthz"),
+    ("GET", "/metrics"),
+    ("GET", "/dashboard"),
+    ("GET", "/dashboard/app.js"),
+    ("GET", "/dashboard/style.css"),
+}
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,8 @@ OWNED: dict[tuple[str, str], Calls] = {
     ("POST", "/oai/api/v1/chat/completions"): _compat(messages=_CHAT, max_tokens=1),
     ("POST", "/anthropic/api/v1/messages"): _compat(messages=_CHAT, max_tokens=1),
     ("POST", "/anthropic/api/v1/messages/count_tokens"): _compat(messages=_CHAT),
+    ("GET", "/dashboard/api/runs/{run_id}"): lambda i: [Call(), Call(params={"run_id": "healthz"})],
+    ("POST", "/dashboard/api/sample"): _compat(prompt="x", max_tokens=1),
 }
 NEUTRAL: dict[tuple[str, str], Calls] = {
     ("POST", "/api/v1/client/config"): _one(lambda i: {}),
@@ -142,6 +151,9 @@ NEUTRAL: dict[tuple[str, str], Calls] = {
     ("GET", "/api/v1/billing/usage/events"): lambda i: [Call(params={"_query": _usage_window()})],
     ("GET", "/api/v1/billing/usage/checkpoints/current"): _one(),
     ("GET", "/api/v1/audit"): _one(),
+    ("GET", "/dashboard/api/runs"): _one(),
+    ("GET", "/dashboard/api/models"): _one(),
+    ("GET", "/dashboard/api/health"): _one(),
 }
 
 
@@ -149,6 +161,7 @@ def _usage_window() -> str:
     """The query of a billing window covering this hour and the previous one."""
     hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     return f"?starting_on={(hour - timedelta(hours=1)).isoformat()}&ending_before={(hour + timedelta(hours=1)).isoformat()}".replace("+00:00", "Z")
+
 
 _PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
 

@@ -3,6 +3,7 @@ survive reopening the file, and the URL / driver / schema checks fail clearly.""
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import sys
 import threading
@@ -341,3 +342,21 @@ class _FormatToQmark:
 
     def close(self) -> None:
         self._conn.close()
+
+
+def test_step_metrics(tmp_path: Path) -> None:
+    path = tmp_path / "tuft.db"
+    store = SqlStore.sqlite(path)
+    store.add_step_metrics("r1", 1, "forward_backward", {"loss:sum": 2.5, "tokens": 4.0}, T0)
+    store.add_step_metrics("r1", 1, "optim_step", {"grad_norm:mean": 0.5}, T0)
+    store.add_step_metrics("r2", 1, "forward_backward", {"loss:sum": 1.0}, T0)
+    store.add_step_metrics("r1", 2, "optim_step", {"grad_norm:mean": float("nan")}, T0)
+    store.close()
+    reopened = SqlStore.sqlite(path)
+    records = reopened.step_metrics("r1")
+    assert [(r.step, r.kind) for r in records] == [(1, "forward_backward"), (1, "optim_step"), (2, "optim_step")]
+    assert records[0].metrics == {"loss:sum": 2.5, "tokens": 4.0} and records[0].recorded_at == T0
+    assert math.isnan(records[2].metrics["grad_norm:mean"])
+    assert reopened.latest_steps(["r1", "r2", "r3"]) == {"r1": 2}, "r2 took no optimizer step yet"
+    assert reopened.latest_steps([]) == {} and reopened.step_metrics("r3") == []
+    reopened.close()
