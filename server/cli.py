@@ -176,6 +176,11 @@ def _add_quota_args(parser: argparse.ArgumentParser, default: object) -> None:
     )
 
 
+def _key_id(text: str) -> str:
+    """A key id, given as the id or as the whole `tml-{id}-{secret}` key."""
+    return text.removeprefix("tml-").split("-")[0]
+
+
 def _quota_text(quota: Quota) -> str:
     runs, tokens = quota.max_concurrent_runs, quota.max_tokens_per_day
     return f"runs<={'any' if runs is None else runs} tokens/day<={'any' if tokens is None else tokens}"
@@ -221,7 +226,7 @@ def api_key(argv: list[str]) -> None:
                 limits = _quota_text(store.get_quota(record.key_id))
                 print(f"{record.key_id}\t{record.created_at:%Y-%m-%d %H:%M:%S}\t{state}\t{limits}\t{record.name}")
         elif args.command == "quota":
-            key_id = args.key_id.removeprefix("tml-").split("-")[0]
+            key_id = _key_id(args.key_id)
             if store.get_api_key(key_id) is None:
                 sys.exit(f"tuft: no API key with id {key_id!r}")
             current = store.get_quota(key_id)
@@ -234,7 +239,7 @@ def api_key(argv: list[str]) -> None:
         else:
             from server.sessions import utc_now
 
-            key_id = args.key_id.removeprefix("tml-").split("-")[0]
+            key_id = _key_id(args.key_id)
             if not store.revoke_api_key(key_id, utc_now()):
                 sys.exit(f"tuft: no active API key with id {key_id!r}")
             print(f"revoked API key {key_id}", file=sys.stderr)

@@ -68,7 +68,11 @@ class UsageMeter:
                 self._today[owner] = (counted[0], counted[1] + tokens)
 
     def metered_sample(
-        self, owner: str | None, session_id: str | None, base_model: str, prompt_tokens: int,
+        self,
+        owner: str | None,
+        session_id: str | None,
+        base_model: str,
+        prompt_tokens: int,
         finish: Callable[[SampleResult], T],
     ) -> Callable[[SampleResult], T]:
         """`finish` that first counts the request's prompt and sampled tokens."""

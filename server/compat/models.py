@@ -7,6 +7,7 @@ looks up `model_path`: the caller's own or a public one, another tenant's being 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -38,14 +39,18 @@ def resolve_model(service: Service, model: str) -> ModelChoice:
 
 @contextlib.asynccontextmanager
 async def adapter_slot(service: Service, choice: ModelChoice) -> AsyncIterator[int]:
-    """The slot to sample `choice` with, its checkpoint loaded (once, then shared) while held."""
+    """The slot to sample `choice` with, its checkpoint loaded (once, then shared) while held.
+    Only a load reads the checkpoint's files, so only a load is audited as a read."""
     record = choice.checkpoint
     if record is None:
         yield BASE_MODEL_SLOT
         return
-    directory = service.checkpoint_directory(record.ref, "sampling")
     worker = service.workers[choice.engine.name]
     key = (record.ref.tinker_path, record.created_at)
-    load = lambda: worker.call(lambda engine: engine.load_adapter(directory, with_optimizer=False))  # noqa: E731
+
+    def load() -> asyncio.Future[int]:
+        directory = service.checkpoint_directory(record.ref, "sampling")
+        return worker.call(lambda engine: engine.load_adapter(directory, with_optimizer=False))
+
     async with service.checkpoint_adapters.lease(key, choice.engine.name, load) as slot:
         yield slot

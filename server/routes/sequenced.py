@@ -3,8 +3,8 @@
 The SDK numbers a model's requests 1, 2, 3, ..., retries with the same number, and moves on
 after a rejection, so every path here ends in exactly one of: the original request id, a
 new request queued in order, or a rejection that consumes the seq_id (except 429 for capacity
-or a quota, which the SDK retries with the same seq_id). A body too broken to name its seq_id cannot consume it;
-the sequencer skips such a gap after `ServerOptions.seq_gap_timeout_s`.
+or a quota, which the SDK retries with the same seq_id). A body too broken to name its seq_id
+cannot consume it; the sequencer skips such a gap after `ServerOptions.seq_gap_timeout_s`.
 """
 
 from __future__ import annotations

@@ -221,3 +221,16 @@ def test_openai_compatible_sampling_is_metered_outside_any_session(make_client, 
         report = usage(client)
     assert token_totals(report) == {"sampling_prefill": 3, "sampling_sample": completion.json()["usage"]["completion_tokens"]}
     assert {row.session_id for row in report.data} == {None} and report.sessions == {}
+
+
+def test_a_checkpoint_served_to_many_completions_is_read_once(make_client, make_api, text_engine) -> None:
+    with make_client(text_engine) as client:
+        api = make_api(client)
+        model_id = api.model(api.session())
+        future = api.post("save_weights_for_sampler", {"model_id": model_id, "path": "s", "seq_id": 1})
+        path = api.result(future["request_id"])["path"]
+        for _ in range(3):
+            body = {"model": path, "prompt": [5, 6], "max_tokens": 2}
+            assert client.post("/oai/api/v1/completions", json=body).status_code == 200
+        reads = client.get("/api/v1/audit?event_type=checkpoints").json()["entries"]
+    assert [(e["event"], e.get("purpose")) for e in reads if e["event"] == "checkpoint_read"] == [("checkpoint_read", "sampling")]
